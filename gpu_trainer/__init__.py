@@ -1,0 +1,3 @@
+"""The PyTorch trainer that GPUTrainingPodOperator launches; never imports Airflow."""
+
+from __future__ import annotations

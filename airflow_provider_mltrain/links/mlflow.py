@@ -1,0 +1,51 @@
+"""Operator extra links into the MLflow UI.
+
+The operator stores the finished URL in XCom while it runs (it has the connection then); the link only
+reads it back, so rendering a task page never opens an MLflow connection.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.sdk import BaseOperatorLink
+from airflow.sdk.execution_time.xcom import XCom
+
+if TYPE_CHECKING:
+    from airflow.sdk import BaseOperator
+    from airflow.sdk.types import TaskInstanceKey
+
+
+class _XComUrlLink(BaseOperatorLink):
+    """A link whose URL the operator pushed to XCom under :attr:`key`."""
+
+    name: ClassVar[str]
+    key: ClassVar[str]
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        url = XCom.get_value(key=self.key, ti_key=ti_key)
+        return url if isinstance(url, str) else ""
+
+    @classmethod
+    def persist(cls, context: Any, url: str) -> None:
+        """Store the link's URL for this task instance (nothing when the connection has no UI URL).
+
+        :param context: the task's context.
+        :param url: the full URL.
+        """
+        if url:
+            context["ti"].xcom_push(key=cls.key, value=url)
+
+
+class MLflowRunLink(_XComUrlLink):
+    """"MLflow run": the training run behind a task (GPUTrainingPodOperator)."""
+
+    name = "MLflow run"
+    key = "mlflow_run_url"
+
+
+class MLflowModelVersionLink(_XComUrlLink):
+    """"MLflow model version": the registered version a task created or found (MLflowRegisterOperator)."""
+
+    name = "MLflow model version"
+    key = "mlflow_model_version_url"

@@ -1,0 +1,118 @@
+"""One shared aiobotocore S3 client per connection and event loop, reference-counted.
+
+Building an aiobotocore client is slow, synchronous work (botocore loads and parses service models,
+resolves endpoints and credentials). A triggerer running 1,000 ``S3KeyTrigger`` s builds 1,000 clients
+on its event loop and stalls it for seconds. Here the first trigger that needs a connection builds the
+client in a worker thread (``asyncio.to_thread``); every later trigger on the same loop and connection
+reuses it; the last one to leave closes it.
+
+The pool is keyed by the running event loop as well as by connection: an aiobotocore client's HTTP
+session belongs to the loop that opened it, and ``dag.test()`` runs each trigger under its own
+``asyncio.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiobotocore.client import AioBaseClient
+
+#: Connections kept open to one endpoint by one shared client. botocore's default (10) would queue
+#: the polls of hundreds of triggers behind each other and delay detection.
+DEFAULT_MAX_POOL_CONNECTIONS = 64
+
+PoolKey = tuple[str | None, str | None, "bool | str | None"]
+
+
+class _Entry:
+    """A client being built or open, and how many triggers hold it."""
+
+    def __init__(self, ready: asyncio.Task[Any]) -> None:
+        self.ready = ready
+        self.refs = 0
+
+
+_POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[PoolKey, _Entry]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _build_client_blocking(aws_conn_id: str | None, region_name: str | None, verify: bool | str | None):
+    """Resolve the connection and build the (not yet opened) client; runs in a worker thread."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    from botocore.config import Config
+
+    hook = S3Hook(aws_conn_id=aws_conn_id, region_name=region_name, verify=verify)
+    # The trigger owns retries (bounded, with backoff, reported in its error event), so botocore's own
+    # retries are off unless the connection's config_kwargs set them: merge() lets the user's win.
+    ours = Config(retries={"total_max_attempts": 1}, max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS)
+    config = ours.merge(hook.config)
+    creator = hook.get_client_type(region_name=hook.region_name, config=config, deferrable=True)
+    # ``creator`` is aiobotocore's ClientCreatorContext; the coroutine it wraps does the heavy,
+    # synchronous model loading, so it runs to completion here, on this thread's own loop. Opening the
+    # client's HTTP session (cheap, loop-bound) happens later on the caller's loop.
+    coro = getattr(creator, "_coro", None)
+    if coro is None:  # an aiobotocore without the private attribute: open it on the caller's loop
+        return creator
+    return asyncio.run(coro)
+
+
+async def _open_client(aws_conn_id: str | None, region_name: str | None, verify: bool | str | None):
+    # Either an AioBaseClient or a ClientCreatorContext: both return the opened client from __aenter__.
+    built = await asyncio.to_thread(_build_client_blocking, aws_conn_id, region_name, verify)
+    return await built.__aenter__()
+
+
+@asynccontextmanager
+async def shared_s3_client(
+    aws_conn_id: str | None, region_name: str | None = None, verify: bool | str | None = None
+) -> AsyncIterator[AioBaseClient]:
+    """Borrow the loop's shared S3 client for ``aws_conn_id``; built on first use, closed after last.
+
+    :param aws_conn_id: the Amazon provider connection (its extra's ``endpoint_url`` is honoured)
+    :param region_name: overrides the connection's region
+    :param verify: TLS verification (bool or CA bundle path); None uses the connection's
+    """
+    loop = asyncio.get_running_loop()
+    entries = _POOLS.setdefault(loop, {})
+    key: PoolKey = (aws_conn_id, region_name, verify)
+    entry = entries.get(key)
+    if entry is None:
+        entry = _Entry(loop.create_task(_open_client(aws_conn_id, region_name, verify)))
+        entries[key] = entry
+    entry.refs += 1
+    try:
+        try:
+            # shield: one trigger being cancelled must not cancel the build others wait for.
+            client = await asyncio.shield(entry.ready)
+        except Exception:
+            # A failed build is not cached: the next trigger (or retry) builds afresh.
+            if entries.get(key) is entry:
+                del entries[key]
+            raise
+        yield client
+    finally:
+        entry.refs -= 1
+        if entry.refs == 0:
+            if entries.get(key) is entry:
+                del entries[key]
+            await _close(entry)
+
+
+async def _close(entry: _Entry) -> None:
+    if not entry.ready.done():
+        entry.ready.cancel()
+        return
+    if entry.ready.cancelled() or entry.ready.exception() is not None:
+        return
+    await entry.ready.result().__aexit__(None, None, None)
+
+
+def open_client_count() -> int:
+    """How many shared clients are open or being built on the running loop (for tests and metrics)."""
+    return len(_POOLS.get(asyncio.get_running_loop(), {}))

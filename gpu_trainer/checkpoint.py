@@ -1,0 +1,121 @@
+"""Checkpoints that survive a SIGKILL: written atomically, the last K kept, the newest valid one resumed.
+
+A checkpoint is one ``torch.save`` file holding the model, optimizer and grad-scaler states, the position
+(epoch, step within it, global step), every RNG state, the metric history, the resolved config and the
+MLflow run id. It holds only tensors and plain Python values so it loads with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from gpu_trainer.config import MATH_FIELDS
+from gpu_trainer.errors import TrainerError
+
+log = logging.getLogger("gpu_trainer")
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+
+def checkpoint_name(global_step: int) -> str:
+    """File name for a checkpoint at ``global_step`` (zero-padded so names sort by step)."""
+    return f"ckpt-{global_step:09d}.pt"
+
+
+def list_checkpoints(directory: str) -> list[str]:
+    """Checkpoint paths in ``directory``, newest (highest step) first."""
+    if not os.path.isdir(directory):
+        return []
+    names = [name for name in os.listdir(directory) if _NAME.match(name)]
+    return [os.path.join(directory, name) for name in sorted(names, reverse=True)]
+
+
+def save_checkpoint(directory: str, state: Mapping[str, Any], *, global_step: int, keep: int) -> str:
+    """Write ``state`` atomically (temp file, fsync, rename) and prune all but the newest ``keep``.
+
+    A crash mid-write leaves only a ``.tmp`` file that is never mistaken for a checkpoint.
+
+    :param directory: the checkpoint directory (created if needed).
+    :param state: the checkpoint dict.
+    :param global_step: optimizer steps so far; orders checkpoints.
+    :param keep: how many checkpoints to keep.
+    """
+    os.makedirs(directory, exist_ok=True)
+    final = os.path.join(directory, checkpoint_name(global_step))
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(dict(state, format_version=FORMAT_VERSION), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    for stale in list_checkpoints(directory)[keep:]:
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
+    return final
+
+
+def _load(path: str) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "model" not in state:
+        raise ValueError("not a gpu_trainer checkpoint (missing format_version/model)")
+    return state
+
+
+def load_latest(directory: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint that loads, falling back past corrupt ones with a warning.
+
+    :param directory: the checkpoint directory.
+    :returns: ``(path, state)``, or None when the directory holds no checkpoint at all.
+    :raises TrainerError: when checkpoints exist but none can be read.
+    """
+    paths = list_checkpoints(directory)
+    errors = []
+    for path in paths:
+        try:
+            state = _load(path)
+        except Exception as err:  # truncated zip, bad pickle, permission: all mean "unusable"
+            errors.append(f"{os.path.basename(path)}: {type(err).__name__}: {err}")
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(err).__name__, err)
+            continue
+        return path, state
+    if paths:
+        raise TrainerError(
+            f"no readable checkpoint in {directory} ({len(paths)} found, all unreadable: {'; '.join(errors)[:500]}); "
+            "remove them to start fresh"
+        )
+    return None
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], *, path: str) -> None:
+    """Refuse to resume a checkpoint written under a different configuration.
+
+    Only fields that change the math are compared (:data:`gpu_trainer.config.MATH_FIELDS` and the data
+    signature); epochs may grow and paths, logging and workers may change.
+
+    :param saved: the checkpoint's ``config`` entry.
+    :param current: this run's ``config`` entry.
+    :param path: the checkpoint, for the message.
+    :raises TrainerError: listing every differing field.
+    """
+    keys = [*MATH_FIELDS, "data_signature"]
+    diffs = [f"{key}: checkpoint={saved.get(key)!r} now={current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
+    if diffs:
+        raise TrainerError(
+            f"checkpoint {path} was written by a different configuration ({'; '.join(diffs)}); "
+            "use a new --checkpoint-dir or restore the original settings"
+        )

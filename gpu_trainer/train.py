@@ -1,0 +1,377 @@
+"""``python -m gpu_trainer.train``: train a classifier on Parquet data, track it in MLflow, resume on retry.
+
+The loop follows nanoGPT's shape: a typed config, the model in its own module, a checkpoint dict that
+holds everything needed to resume exactly, only rank 0 logging and saving, autocast and
+``zero_grad(set_to_none=True)``. See :mod:`gpu_trainer.config` for the options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gpu_trainer import checkpoint, contract, runtime
+from gpu_trainer.config import TrainConfig, resolve_config
+from gpu_trainer.data import Dataset, Split, epoch_indices, iterate_batches, load_dataset, pin
+from gpu_trainer.errors import TrainerError
+from gpu_trainer.metrics import Evaluation, evaluate
+from gpu_trainer.models import build_model
+
+log = logging.getLogger("gpu_trainer")
+
+#: Keep a dataset on the GPU when it takes less than this share of free device memory.
+_DEVICE_RESIDENT_SHARE = 0.25
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    """What :func:`train` returns (rank 0 also wrote it as the result JSON).
+
+    :param result: the contract result (None on ranks other than 0).
+    :param loop_seconds: wall time of the epoch loop (training, validation, checkpoints, metric logging).
+    :param samples_trained: training samples processed in this process's loop, all ranks together.
+    """
+
+    result: dict[str, Any] | None
+    loop_seconds: float
+    samples_trained: int
+
+
+def _make_optimizer(cfg: TrainConfig, params: Any, device: torch.device) -> torch.optim.Optimizer:
+    # Fused kernels update all parameters in one launch on CUDA; CPU has no fused path for these.
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def _place(split: Split, device: torch.device) -> Split:
+    """On CUDA: the whole split on the device when it fits comfortably, else pinned host memory."""
+    if device.type != "cuda":
+        return split
+    size = split.features.nbytes + split.labels.nbytes
+    free, _total = torch.cuda.mem_get_info(device)
+    if size < free * _DEVICE_RESIDENT_SHARE:
+        return Split(split.features.to(device), split.labels.to(device))
+    return pin(split)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _config_record(cfg: TrainConfig, precision: str, dataset: Dataset) -> dict[str, Any]:
+    record = cfg.params()
+    record["precision"] = precision
+    record["data_signature"] = dataset.signature()
+    return record
+
+
+def train(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> TrainOutcome:
+    """Run (or resume) one training job as described by ``cfg``.
+
+    :param cfg: the resolved configuration.
+    :param environ: the environment (``MLTRAIN_LINEAGE``, torchrun's variables); ``os.environ`` when None.
+    :raises TrainerError: for bad data, incompatible or unreadable checkpoints, divergence.
+    """
+    env = os.environ if environ is None else environ
+    info = runtime.dist_info(env)
+    runtime.setup_logging(info)
+    device = runtime.pick_device(cfg.device, info)
+    runtime.init_distributed(info, device)
+    try:
+        return _train(cfg, env, info, device)
+    finally:
+        if info.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, env: Mapping[str, str], info: runtime.DistInfo, device: torch.device) -> TrainOutcome:
+    lineage = contract.parse_lineage(env.get(contract.ENV_LINEAGE))
+    precision = runtime.resolve_precision(cfg.precision, device)
+    amp_dtype = runtime.autocast_dtype(precision)
+    runtime.configure_cuda()
+    dataset = load_dataset(
+        cfg.data,
+        label_column=cfg.label_column,
+        feature_columns=cfg.feature_columns,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+    )
+    record = _config_record(cfg, precision, dataset)
+
+    # Same seed on every rank for the initial weights (DDP also broadcasts rank 0's, this keeps them equal
+    # without relying on it).
+    runtime.seed_everything(cfg.seed)
+    core = build_model(cfg.model, dataset.num_features, dataset.num_classes, cfg.hidden_dim)
+    standardize = getattr(core, "standardize", None)
+    if standardize is not None:
+        standardize.fit(dataset.train.features)
+    core.to(device)
+    if device.type == "cuda" and cfg.model == "cnn":
+        core.to(memory_format=torch.channels_last)
+    optimizer = _make_optimizer(cfg, core.parameters(), device)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+    start_epoch, skip_batches, global_step = 0, 0, 0
+    history: list[dict[str, float]] = []
+    partial = {"loss_sum": 0.0, "count": 0}
+    run_id: str | None = None
+    resumed_from: int | None = None
+    resumed_state: dict[str, Any] | None = None
+    if cfg.checkpoint_dir:
+        found = checkpoint.load_latest(cfg.checkpoint_dir)
+        if found is not None:
+            path, state = found
+            checkpoint.check_compatible(state["config"], record, path=path)
+            try:
+                core.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scaler.load_state_dict(state["scaler"])
+            except (RuntimeError, KeyError, ValueError) as err:
+                raise TrainerError(f"checkpoint {path} does not fit this model: {err}") from err
+            start_epoch = int(state["epoch"])
+            skip_batches = int(state["step_in_epoch"])
+            global_step = int(state["global_step"])
+            history = list(state["history"])
+            partial = dict(state["partial"])
+            run_id = state["run_id"]
+            resumed_from = start_epoch
+            resumed_state = state
+            log.info(
+                "resuming from %s: epoch %d done, step %d of the next (global step %d)",
+                path,
+                start_epoch,
+                skip_batches,
+                global_step,
+            )
+
+    model: Any = core
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            core, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        model = torch.compile(model)
+
+    tracker = None
+    if info.is_main:
+        from gpu_trainer.tracking import Tracker
+
+        tracker = Tracker(experiment=cfg.experiment, run_name=cfg.run_name, resume_run_id=run_id, lineage=lineage)
+        run_id = tracker.run_id
+        tracker.log_params({**cfg.params(), "precision": precision, "device": device.type, "world_size": info.world_size})
+        if resumed_from is not None:
+            tracker.set_tag("mltrain.resumed_from_epoch", str(resumed_from))
+
+    train_split = _place(dataset.train, device)
+    val_split = _place(dataset.val, device)
+    batches_per_epoch = math.ceil(math.ceil(len(train_split) / info.world_size) / cfg.batch_size)
+    log.info(
+        "training %s on %s (%s, world size %d): %d train / %d val rows, %d features, %d classes, "
+        "%d epochs x %d steps",
+        cfg.model,
+        device,
+        precision,
+        info.world_size,
+        len(train_split),
+        len(val_split),
+        dataset.num_features,
+        dataset.num_classes,
+        cfg.epochs,
+        batches_per_epoch,
+    )
+
+    def save(epoch: int, step_in_epoch: int, loss_sum: float, count: int) -> None:
+        if not (cfg.checkpoint_dir and info.is_main):
+            return
+        state = {
+            "model": core.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "rng": runtime.rng_state(),
+            "history": history,
+            "partial": {"loss_sum": loss_sum, "count": count},
+            "config": record,
+            "run_id": run_id,
+        }
+        path = checkpoint.save_checkpoint(
+            cfg.checkpoint_dir, state, global_step=global_step, keep=cfg.keep_checkpoints
+        )
+        log.info("checkpoint saved: %s (epoch %d, step %d)", path, epoch, global_step)
+
+    last_eval: Evaluation | None = None
+    loop_start = time.perf_counter()
+    samples_trained = 0
+    epoch_times: list[float] = []
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            epoch_start = time.perf_counter()
+            if skip_batches and resumed_state is not None:
+                runtime.set_rng_state(resumed_state["rng"])
+            else:
+                runtime.seed_everything(runtime.epoch_seed(cfg.seed, epoch, info.rank))
+            indices = epoch_indices(
+                len(train_split), epoch=epoch, seed=cfg.seed, rank=info.rank, world_size=info.world_size, shuffle=True
+            ).to(train_split.labels.device)
+            model.train()
+            # Accumulate on the device: a .item() per step would synchronise CUDA every step.
+            loss_sum = torch.tensor(partial["loss_sum"] if skip_batches else 0.0, device=device, dtype=torch.float64)
+            count = int(partial["count"]) if skip_batches else 0
+            step_in_epoch = skip_batches
+            trained_now = 0
+            for x, y in iterate_batches(
+                train_split,
+                indices,
+                cfg.batch_size,
+                skip_batches=skip_batches,
+                num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda",
+            ):
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                batch = int(y.shape[0])
+                loss_sum += loss.detach().double() * batch
+                count += batch
+                trained_now += batch
+                step_in_epoch += 1
+                global_step += 1
+                if cfg.log_every_steps and global_step % cfg.log_every_steps == 0:
+                    elapsed = time.perf_counter() - epoch_start
+                    log.info(
+                        "epoch %d/%d step %d/%d loss %.4f samples/s %.0f",
+                        epoch + 1,
+                        cfg.epochs,
+                        step_in_epoch,
+                        batches_per_epoch,
+                        loss.item(),
+                        trained_now * info.world_size / max(elapsed, 1e-9),
+                    )
+                if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0:
+                    if step_in_epoch < batches_per_epoch:
+                        save(epoch, step_in_epoch, float(loss_sum.item()), count)
+            skip_batches = 0
+            totals = torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
+            if info.distributed:
+                torch.distributed.all_reduce(totals)
+            train_loss = float(totals[0] / max(totals[1], 1.0))
+            if not math.isfinite(train_loss):
+                raise TrainerError(
+                    f"training diverged: train_loss is {train_loss} in epoch {epoch + 1}; lower --lr or use fp32"
+                )
+            train_seconds = time.perf_counter() - epoch_start
+            samples_per_s = trained_now * info.world_size / max(train_seconds, 1e-9)
+            samples_trained += trained_now * info.world_size
+
+            if info.is_main:
+                core.eval()
+                last_eval = evaluate(
+                    core,
+                    val_split,
+                    num_classes=dataset.num_classes,
+                    device=device,
+                    batch_size=max(cfg.batch_size, 1024),
+                    autocast_dtype=amp_dtype,
+                )
+                row = {
+                    "epoch": float(epoch + 1),
+                    "train_loss": train_loss,
+                    **last_eval.as_metrics(),
+                    "samples_per_s": samples_per_s,
+                }
+                history.append(row)
+                assert tracker is not None
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+                save(epoch + 1, 0, 0.0, 0)
+                epoch_times.append(time.perf_counter() - epoch_start)
+                remaining = (cfg.epochs - epoch - 1) * (sum(epoch_times) / len(epoch_times))
+                log.info(
+                    "epoch %d/%d train_loss %.4f val_loss %.4f val_accuracy %.4f val_f1 %.4f samples/s %.0f eta %s",
+                    epoch + 1,
+                    cfg.epochs,
+                    train_loss,
+                    last_eval.loss,
+                    last_eval.accuracy,
+                    last_eval.f1,
+                    samples_per_s,
+                    _fmt_eta(remaining),
+                )
+        loop_seconds = time.perf_counter() - loop_start
+
+        if not info.is_main:
+            if info.distributed:
+                # Wait for rank 0 to finish logging before the group goes away.
+                torch.distributed.barrier()
+            return TrainOutcome(result=None, loop_seconds=loop_seconds, samples_trained=samples_trained)
+
+        assert tracker is not None
+        core.eval()
+        if last_eval is None:
+            # Resumed after the last epoch had finished (e.g. killed while logging the model).
+            last_eval = evaluate(
+                core, val_split, num_classes=dataset.num_classes, device=device, autocast_dtype=amp_dtype
+            )
+        if not history:
+            raise TrainerError("no epoch was trained (check --epochs)")
+        final = dict(history[-1])
+        final.pop("epoch")
+        tracker.log_figures(history, last_eval.confusion)
+        example = dataset.val.features[: min(5, len(dataset.val))]
+        model_uri = tracker.log_model(core, example)
+        result = contract.make_result(
+            run_id=run_id,
+            model_uri=model_uri,
+            metrics=final,
+            params={**cfg.params(), "precision": precision, "world_size": info.world_size},
+            resumed_from_epoch=resumed_from,
+        )
+        contract.write_result(cfg.output, result)
+        tracker.end()
+        log.info("done: run %s, model %s, result %s", run_id, model_uri, cfg.output)
+        if info.distributed:
+            torch.distributed.barrier()
+        return TrainOutcome(result=result, loop_seconds=loop_seconds, samples_trained=samples_trained)
+    except BaseException:
+        if tracker is not None:
+            tracker.end(status="FAILED")
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 with one error line for bad input).
+
+    :param argv: arguments without the program name; ``sys.argv[1:]`` when None.
+    """
+    try:
+        cfg = resolve_config(sys.argv[1:] if argv is None else argv, os.environ)
+        train(cfg)
+    except (TrainerError, contract.ContractError) as err:
+        print(f"gpu_trainer: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,9 +17,9 @@ from airflow.exceptions import AirflowException
 from airflow.sdk.bases.sensor import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_mltrain.triggers.dataset import (
+    SUPPORTED_SCHEMES,
     Criteria,
     DatasetError,
-    SUPPORTED_SCHEMES,
     DatasetTrigger,
     TransientDatasetError,
     check_dataset_once,
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 try:  # Airflow >= 3.1 keeps the sensor exceptions in the task SDK
     from airflow.sdk.exceptions import AirflowSensorTimeout
 except ImportError:  # pragma: no cover - Airflow 3.0
-    from airflow.exceptions import AirflowSensorTimeout  # type: ignore[no-redef,attr-defined]
+    from airflow.exceptions import AirflowSensorTimeout  # type: ignore[no-redef]
 
 #: Seconds the scheduler waits past the trigger's own deadline before timing the deferral out itself;
 #: the trigger's timeout event (which says what was missing) normally wins.
@@ -92,10 +92,13 @@ class DatasetSensor(BaseSensorOperator):
         validate_thresholds(min_objects, min_total_bytes, success_marker)
         if not _is_templated(uri):
             parse_dataset_uri(uri)
-        elif "://" in uri and not _is_templated(scheme := uri.split("://", 1)[0]):
+        elif (
+            "://" in uri
+            and not _is_templated(scheme := uri.split("://", 1)[0])
+            and scheme.lower() not in SUPPORTED_SCHEMES
+        ):
             # The scheme is known before rendering: reject gs://, hdfs://... at DAG parse time.
-            if scheme.lower() not in SUPPORTED_SCHEMES:
-                parse_dataset_uri(uri)  # raises the "unsupported scheme" error
+            parse_dataset_uri(uri)  # raises the "unsupported scheme" error
         if not _is_templated(modified_after):
             parse_modified_after(modified_after)
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:

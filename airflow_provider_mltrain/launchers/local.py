@@ -1,0 +1,158 @@
+"""The local launcher: run the trainer as a subprocess of the worker, with the pod's contract.
+
+For laptops, demos and CI: the same command, the same environment variables and the same result file as
+the pod, but no cluster. The child gets its own process group so a kill (``on_kill``, an execution timeout)
+stops the trainer and everything it started (DataLoader workers, torchrun's ranks), not just the leader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: Seconds between SIGTERM and SIGKILL: time for the trainer to save a checkpoint.
+DEFAULT_KILL_GRACE_S = 10.0
+#: Environment variables of the worker that never reach the trainer: other connections and variables,
+#: Airflow settings (database URL, fernet and JWT keys) and the worker's own MLflow credentials. The
+#: trainer never imports Airflow, and it gets this task's MLflow connection only.
+_WITHHELD_PREFIXES = ("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_", "_AIRFLOW", "MLFLOW_TRACKING_")
+
+
+class LocalTrainerTimeout(TimeoutError):
+    """The trainer ran past its deadline and was stopped."""
+
+
+def local_command(cmds: Sequence[str]) -> list[str]:
+    """The command with the worker's Python for a leading ``python`` (and ``torchrun``).
+
+    :param cmds: the pod's command (container ``command`` + ``args``).
+    """
+    cmd = list(cmds)
+    if not cmd:
+        raise ValueError("local launcher: empty command")
+    if cmd[0] in ("python", "python3") or cmd[0].startswith("python3."):
+        cmd[0] = sys.executable
+    elif cmd[0] == "torchrun":
+        cmd[:1] = [sys.executable, "-m", "torch.distributed.run"]
+    return cmd
+
+
+def child_environment(
+    contract_env: Mapping[str, str], base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The worker's environment minus what belongs to other tasks, plus this task's contract.
+
+    :param contract_env: the pod's literal environment plus the connection's variables.
+    :param base: the environment to start from; ``os.environ`` when None.
+    """
+    source = os.environ if base is None else base
+    env = {key: value for key, value in source.items() if not key.startswith(_WITHHELD_PREFIXES)}
+    env.update(contract_env)
+    # Line-buffered output so the task log follows the trainer as it goes.
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class LocalProcess:
+    """One trainer subprocess in its own process group.
+
+    :param cmd: the command (no shell).
+    :param env: the child's complete environment.
+    :param log: where each output line goes (a logger: ``info``/``warning``).
+    :param cwd: working directory.
+    :param kill_grace_s: seconds between SIGTERM and SIGKILL.
+    """
+
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        env: Mapping[str, str],
+        log: Any,
+        *,
+        cwd: str | None = None,
+        kill_grace_s: float = DEFAULT_KILL_GRACE_S,
+    ) -> None:
+        self.cmd = list(cmd)
+        self.env = dict(env)
+        self.log = log
+        self.cwd = cwd
+        self.kill_grace_s = kill_grace_s
+        self.proc: subprocess.Popen[str] | None = None
+        self.tail: deque[str] = deque(maxlen=50)
+        self._reader: threading.Thread | None = None
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.tail.append(line)
+            self.log.info("[trainer] %s", line)
+
+    def start(self) -> None:
+        self.log.info("Local launcher: running %s", self.cmd)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            env=self.env,
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,  # own process group: kill reaches the trainer's children too
+        )
+        self._reader = threading.Thread(target=self._pump, name="mltrain-local-log", daemon=True)
+        self._reader.start()
+
+    def wait(self, timeout_s: float | None = None) -> int:
+        """Wait for the trainer; on timeout (or any interruption) stop its process group.
+
+        :param timeout_s: seconds to wait; None waits forever.
+        :raises LocalTrainerTimeout: when the deadline passed.
+        """
+        assert self.proc is not None
+        try:
+            rc = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired as err:
+            self.stop()
+            raise LocalTrainerTimeout(
+                f"trainer ran longer than {timeout_s:.0f}s (execution_timeout) and was stopped"
+            ) from err
+        except BaseException:
+            # Airflow's own execution_timeout arrives as an exception in this thread: never orphan the child.
+            self.stop()
+            raise
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return rc
+
+    def stop(self) -> None:
+        """SIGTERM the process group, then SIGKILL after the grace period."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        self.log.warning("Local launcher: stopping trainer process group %s", proc.pid)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + self.kill_grace_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            self.log.warning(
+                "Local launcher: trainer ignored SIGTERM for %.0fs, sending SIGKILL", self.kill_grace_s
+            )
+        # The leader may be gone while its children linger: the group gets SIGKILL either way.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -1,0 +1,263 @@
+"""Validation and pod-spec building blocks for :class:`GPUTrainingPodOperator`.
+
+Kept apart from the operator so each piece (quantities, affinity merging, torchrun wrapping, checkpoint
+paths) can be read and tested on its own. Only the Kubernetes models are imported here: they are already
+loaded by ``KubernetesPodOperator`` on every parse, so this adds nothing to DAG parse time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kubernetes.client import models as k8s
+
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+#: Label NVIDIA GPU Feature Discovery puts on GPU nodes, e.g. "NVIDIA-A100-SXM4-80GB".
+DEFAULT_GPU_TYPE_LABEL = "nvidia.com/gpu.product"
+DEFAULT_CMDS = ("python", "-m", "gpu_trainer.train")
+SHM_VOLUME = "mltrain-shm"
+CHECKPOINT_VOLUME = "mltrain-checkpoints"
+DEFAULT_CHECKPOINT_MOUNT = "/mltrain/checkpoints"
+LAUNCHERS = ("kubernetes", "local")
+
+# Kubernetes quantity grammar (resource.Quantity): a decimal number with an optional binary (Ki..Ei),
+# decimal (m, k, M..E) or exponent suffix. Signs are left out: a request is never negative.
+_QUANTITY = re.compile(
+    r"^(?P<num>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>[KMGTPE]i|[mkMGTPE]|[eE][+-]?[0-9]+)?$"
+)
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_NAME = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(?=.{0,63}$)([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
+
+
+def is_templated(value: Any) -> bool:
+    """Whether a value is rendered later (a Jinja string or an XComArg/mapped argument)."""
+    if isinstance(value, str):
+        return "{{" in value or "{%" in value
+    # XComArg and friends; checked by duck type so this module never imports the SDK's internals.
+    return hasattr(value, "resolve") and hasattr(value, "iter_references")
+
+
+def bad_param(name: str, value: Any, allowed: str) -> ValueError:
+    """The error every check raises: the parameter, the value and what is allowed."""
+    return ValueError(f"GPUTrainingPodOperator: invalid {name}={value!r}; {allowed}")
+
+
+def check_gpus(gpus: Any) -> int:
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+        raise bad_param("gpus", gpus, "expected an int >= 0 (0 = CPU-only job)")
+    return gpus
+
+
+def check_resource_name(name: str, value: Any) -> str:
+    """A Kubernetes extended resource name such as ``nvidia.com/gpu`` or ``amd.com/gpu``."""
+    if not isinstance(value, str) or value.count("/") != 1:
+        raise bad_param(
+            name, value, "expected 'vendor-domain/resource', e.g. 'nvidia.com/gpu' or 'amd.com/gpu'"
+        )
+    domain, resource = value.split("/")
+    if not _DNS_SUBDOMAIN.match(domain) or not _NAME.match(resource):
+        raise bad_param(
+            name, value, "expected 'vendor-domain/resource', e.g. 'nvidia.com/gpu' or 'amd.com/gpu'"
+        )
+    return value
+
+
+def check_label_key(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise bad_param(name, value, "expected a node label key such as 'nvidia.com/gpu.product'")
+    prefix, _, key = value.rpartition("/")
+    if (prefix and not _DNS_SUBDOMAIN.match(prefix)) or not _NAME.match(key):
+        raise bad_param(name, value, "expected a node label key such as 'nvidia.com/gpu.product'")
+    return value
+
+
+def check_gpu_type(value: Any) -> list[str]:
+    """Normalise ``gpu_type`` to a list of accepted products (label values)."""
+    if value is None:
+        return []
+    products = [value] if isinstance(value, str) else value
+    allowed = "expected a GPU product label value or a non-empty list of them, e.g. 'NVIDIA-A100-SXM4-80GB'"
+    if not isinstance(products, (list, tuple)) or not products:
+        raise bad_param("gpu_type", value, allowed)
+    for product in products:
+        if not isinstance(product, str) or not product or not _LABEL_VALUE.match(product):
+            raise bad_param("gpu_type", value, allowed + " (label values: <= 63 chars of [A-Za-z0-9._-])")
+    return list(dict.fromkeys(products))
+
+
+def check_quantity(name: str, value: Any) -> str | None:
+    """A positive Kubernetes quantity (``"4"``, ``"500m"``, ``"16Gi"``); ints and floats are accepted."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise bad_param(name, value, "expected a Kubernetes quantity such as '4', '500m' or '16Gi'")
+    text = str(value).strip()
+    match = _QUANTITY.match(text)
+    if not match or float(match.group("num")) <= 0:
+        raise bad_param(name, value, "expected a positive Kubernetes quantity such as '4', '500m' or '16Gi'")
+    return text
+
+
+def check_hyperparameters(value: Any) -> dict[str, Any]:
+    """A JSON object of hyperparameters (a JSON string that decodes to one is accepted too)."""
+    allowed = "expected a dict of JSON-serializable values (numbers, strings, booleans, lists, dicts)"
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise bad_param("hyperparameters", value, allowed + f" or a JSON object string ({err})") from err
+    if not isinstance(value, Mapping):
+        raise bad_param("hyperparameters", value, allowed)
+    try:
+        json.dumps(dict(value), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise bad_param("hyperparameters", value, f"{allowed}: {err}") from err
+    return dict(value)
+
+
+def check_checkpoint_volume(value: Any) -> dict[str, str] | None:
+    allowed = "expected {'claim_name': <PVC name>, 'mount_path': <absolute path>} (mount_path optional)"
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or set(value) - {"claim_name", "mount_path"}:
+        raise bad_param("checkpoint_volume", value, allowed)
+    claim = value.get("claim_name")
+    mount = value.get("mount_path", DEFAULT_CHECKPOINT_MOUNT)
+    if not isinstance(claim, str) or not (is_templated(claim) or _DNS_SUBDOMAIN.match(claim)):
+        raise bad_param("checkpoint_volume", value, allowed + "; claim_name must be a DNS subdomain name")
+    if not isinstance(mount, str) or not mount.startswith("/") or mount.rstrip("/") in ("", "/dev/shm"):
+        raise bad_param(
+            "checkpoint_volume", value, allowed + "; mount_path must be absolute, not / or /dev/shm"
+        )
+    return {"claim_name": claim, "mount_path": mount.rstrip("/")}
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad_param(name, value, "expected an int >= 1" + (" or None" if allow_none else ""))
+    return value
+
+
+# -- building ---------------------------------------------------------------------------------------
+
+
+def resources(
+    gpus: int, gpu_resource: str, cpu: str | None, memory: str | None
+) -> k8s.V1ResourceRequirements | None:
+    """Requests and limits set to the same values (GPUs cannot be overcommitted; Guaranteed QoS otherwise)."""
+    amounts: dict[str, str] = {}
+    if cpu:
+        amounts["cpu"] = cpu
+    if memory:
+        amounts["memory"] = memory
+    if gpus:
+        amounts[gpu_resource] = str(gpus)
+    if not amounts:
+        return None
+    return k8s.V1ResourceRequirements(requests=dict(amounts), limits=dict(amounts))
+
+
+def gpu_toleration(gpu_resource: str) -> k8s.V1Toleration:
+    """The taint GPU node pools carry (GKE, EKS and AKS all taint with the resource name)."""
+    return k8s.V1Toleration(key=gpu_resource, operator="Exists", effect="NoSchedule")
+
+
+def merge_tolerations(user: Sequence[k8s.V1Toleration], extra: k8s.V1Toleration) -> list[k8s.V1Toleration]:
+    def key(t: k8s.V1Toleration) -> tuple[Any, ...]:
+        return (t.key, t.operator or "Equal", t.value, t.effect)
+
+    merged = list(user)
+    # A user toleration for the same key and effect (any operator) already covers the taint.
+    covered = any(t.key == extra.key and t.effect in (None, extra.effect) for t in merged)
+    if not covered and key(extra) not in {key(t) for t in merged}:
+        merged.append(extra)
+    return merged
+
+
+def add_required_node_affinity(
+    affinity: k8s.V1Affinity | None, requirement: k8s.V1NodeSelectorRequirement
+) -> k8s.V1Affinity:
+    """AND ``requirement`` into every required node selector term (terms are ORed by Kubernetes)."""
+    affinity = affinity or k8s.V1Affinity()
+    node_affinity = affinity.node_affinity or k8s.V1NodeAffinity()
+    required = node_affinity.required_during_scheduling_ignored_during_execution
+    if required is None or not required.node_selector_terms:
+        required = k8s.V1NodeSelector(node_selector_terms=[k8s.V1NodeSelectorTerm(match_expressions=[])])
+    for term in required.node_selector_terms:
+        expressions = list(term.match_expressions or [])
+        if not any(e.key == requirement.key for e in expressions):
+            expressions.append(requirement)
+        term.match_expressions = expressions
+    node_affinity.required_during_scheduling_ignored_during_execution = required
+    affinity.node_affinity = node_affinity
+    return affinity
+
+
+def restricted_pod_security_context() -> k8s.V1PodSecurityContext:
+    """Pod Security Standards "restricted": non-root and the runtime's default seccomp profile."""
+    return k8s.V1PodSecurityContext(
+        run_as_non_root=True, seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")
+    )
+
+
+def restricted_container_security_context(run_as_user: int | None = None) -> k8s.V1SecurityContext:
+    return k8s.V1SecurityContext(
+        allow_privilege_escalation=False,
+        capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        run_as_non_root=True,
+        run_as_user=run_as_user,
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+    )
+
+
+def torchrun_command(cmds: Sequence[str], nproc: int) -> list[str]:
+    """Run ``cmds`` under torchrun on one node with ``nproc`` processes.
+
+    ``python -m mod`` becomes ``torchrun ... -m mod``, ``python script.py`` becomes ``torchrun ... script.py``
+    and any other program runs with ``--no-python``.
+    """
+    head = ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}"]
+    cmds = list(cmds)
+    if cmds and (cmds[0] == "python" or re.fullmatch(r"python3(\.\d+)?", cmds[0])):
+        return head + cmds[1:]
+    return head + ["--no-python", *cmds]
+
+
+def path_segment(value: Any) -> str:
+    """A value as one safe path segment (run ids carry ':' and '+')."""
+    return _UNSAFE_PATH_CHARS.sub("_", str(value)).strip("_") or "_"
+
+
+def checkpoint_suffix(dag_id: str, task_id: str, run_id: str, map_index: int | None) -> str:
+    """Per-task checkpoint location; no try number, so a retry finds the previous try's checkpoints."""
+    parts = [dag_id, task_id, run_id]
+    if map_index is not None and map_index >= 0:
+        parts.append(f"map_{map_index}")
+    return "/".join(path_segment(p) for p in parts)
+
+
+def run_name(dag_id: str, task_id: str, map_index: int | None) -> str:
+    name = f"{dag_id}.{task_id}"
+    return f"{name}.{map_index}" if map_index is not None and map_index >= 0 else name
+
+
+def secret_env(secret_name: str, env_names: Sequence[str]) -> list[k8s.V1EnvVar]:
+    """Credentials from a Secret (keys named like the variables; optional, so a token-only Secret works)."""
+    return [
+        k8s.V1EnvVar(
+            name=name,
+            value_from=k8s.V1EnvVarSource(
+                secret_key_ref=k8s.V1SecretKeySelector(name=secret_name, key=name, optional=True)
+            ),
+        )
+        for name in env_names
+    ]

@@ -1,0 +1,687 @@
+"""GPUTrainingPodOperator: run a training job as a Kubernetes pod on GPU nodes (or locally).
+
+A :class:`KubernetesPodOperator` that knows what a training job needs: GPU requests and node affinity,
+the GPU taint's toleration, shared memory for DataLoader workers, checkpoints that survive retries,
+MLflow wiring without credentials in the pod spec, a restricted security context, torchrun for several
+GPUs, a validated result in XCom, and errors that say why a GPU pod failed. Everything the parent accepts
+still works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.exceptions import AirflowException
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.utils.container import container_is_succeeded
+from airflow.providers.cncf.kubernetes.utils.pod_manager import (
+    PodLaunchFailedException,
+    PodLaunchTimeoutException,
+    PodPhase,
+)
+from airflow.providers.common.compat.sdk import AirflowSkipException, conf
+from kubernetes.client import models as k8s
+
+from airflow_provider_mltrain.hooks.mlflow import MLflowHook
+from airflow_provider_mltrain.links.mlflow import MLflowRunLink
+from airflow_provider_mltrain.operators import _pod_spec as spec
+from airflow_provider_mltrain.operators._triage import (
+    GPUTrainingFailure,
+    TriageContext,
+    explain_unschedulable,
+    triage,
+    unschedulable_message,
+)
+from gpu_trainer import contract
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_provider_mltrain.launchers.local import LocalProcess
+
+_UNSET: Any = object()
+#: Environment variables the operator owns; set them through its parameters, not env_vars.
+RESERVED_ENV = (
+    contract.ENV_HYPERPARAMETERS,
+    contract.ENV_RESULT_PATH,
+    contract.ENV_CHECKPOINT_DIR,
+    contract.ENV_LINEAGE,
+    contract.ENV_TRACKING_URI,
+    contract.ENV_EXPERIMENT_NAME,
+    contract.ENV_RUN_NAME,
+    *contract.CREDENTIAL_ENV_VARS,
+)
+
+
+class _OfflineKubernetesHook:
+    """Stands in for the Kubernetes hook when the local launcher builds the pod: no cluster is asked."""
+
+    is_in_cluster = False
+
+    def get_namespace(self) -> str | None:
+        return None
+
+    def get_xcom_sidecar_container_image(self) -> str | None:
+        return None
+
+    def get_xcom_sidecar_container_resources(self) -> None:
+        return None
+
+    def get_xcom_sidecar_container_security_context(self) -> None:
+        return None
+
+
+class GPUTrainingPodOperator(KubernetesPodOperator):
+    """Run a training job in a Kubernetes pod with GPUs, and push its validated result to XCom.
+
+    The trainer follows :mod:`gpu_trainer.contract`: it reads ``MLTRAIN_HYPERPARAMETERS``,
+    ``MLTRAIN_CHECKPOINT_DIR`` and ``MLTRAIN_LINEAGE`` and writes its result JSON to ``MLTRAIN_RESULT_PATH``.
+    The result is this task's return value; ``run_id``, ``model_uri`` and ``metrics`` are also pushed
+    as XCom keys of their own. Every ``KubernetesPodOperator`` parameter is accepted as well.
+
+    :param image: the trainer image (templated).
+    :param cmds: the command; default ``["python", "-m", "gpu_trainer.train"]`` (templated).
+    :param arguments: its arguments, passed through (templated).
+    :param gpus: GPUs to request (requests = limits); 0 runs a CPU-only job.
+    :param gpu_resource: the extended resource name, e.g. ``nvidia.com/gpu`` or ``amd.com/gpu``.
+    :param gpu_type: accepted GPU product(s), as values of ``gpu_type_label``; becomes required node affinity.
+    :param gpu_type_label: the node label holding the GPU product (NVIDIA GPU Feature Discovery's by default).
+    :param cpu: CPU request and limit, a Kubernetes quantity such as ``"8"`` or ``"500m"``.
+    :param memory: memory request and limit, a Kubernetes quantity such as ``"32Gi"``.
+    :param shm_size: size of the memory-backed ``/dev/shm``: a quantity, ``True`` (no explicit size),
+        ``False`` (none) or None (on when ``gpus > 0``; PyTorch DataLoader workers die with "Bus error"
+        without it). It counts against the container's memory limit.
+    :param hyperparameters: hyperparameters for the trainer, a JSON-serializable dict (templated);
+        ``.partial(...).expand(hyperparameters=[...])`` runs a sweep.
+    :param mlflow_conn_id: MLflow connection whose tracking URI the trainer logs to.
+    :param experiment_name: the MLflow experiment (templated).
+    :param mlflow_secret: name of a Kubernetes Secret holding ``MLFLOW_TRACKING_USERNAME`` /
+        ``MLFLOW_TRACKING_PASSWORD`` / ``MLFLOW_TRACKING_TOKEN`` keys (all optional); they reach the pod
+        only as Secret references (templated).
+    :param checkpoint_volume: ``{"claim_name": <PVC>, "mount_path": <path>}``: keep checkpoints on a PVC.
+    :param checkpoint_uri: or a URI prefix the trainer writes checkpoints under (e.g. ``s3://bucket/ckpt``)
+        (templated). Either way the directory is per dag/task/run/map index, not per try, so a retry resumes.
+    :param distributed: launch under torchrun with ``nproc_per_node`` processes (default: one per GPU).
+    :param nproc_per_node: torchrun processes on the node; setting it implies ``distributed``.
+    :param launcher: ``"kubernetes"`` (pods) or ``"local"`` (a subprocess on the worker); default from the
+        ``[mltrain] launcher`` setting. Never a silent fallback.
+    :param unschedulable_timeout_seconds: fail after the scheduler has called the pod unschedulable for
+        this long (unless the cluster autoscaler is scaling up); None waits ``schedule_timeout_seconds``.
+        Applies while the worker waits (synchronous mode); deferrable mode fails after
+        ``schedule_timeout_seconds`` with the same diagnosis.
+    :param local_kill_grace_seconds: local launcher: seconds between SIGTERM and SIGKILL on kill/timeout.
+    """
+
+    template_fields: Sequence[str] = tuple(
+        dict.fromkeys(
+            (
+                *KubernetesPodOperator.template_fields,
+                "hyperparameters",
+                "experiment_name",
+                "checkpoint_uri",
+                "mlflow_secret",
+            )
+        )
+    )
+    template_fields_renderers: ClassVar[dict[str, str]] = {
+        **KubernetesPodOperator.template_fields_renderers,
+        "hyperparameters": "json",
+    }
+    operator_extra_links = (MLflowRunLink(),)
+
+    def __init__(
+        self,
+        *,
+        image: str | None = None,
+        cmds: list[str] | None = None,
+        arguments: list[str] | None = None,
+        gpus: int = 0,
+        gpu_resource: str = spec.DEFAULT_GPU_RESOURCE,
+        gpu_type: str | list[str] | None = None,
+        gpu_type_label: str = spec.DEFAULT_GPU_TYPE_LABEL,
+        cpu: str | int | float | None = None,
+        memory: str | int | None = None,
+        shm_size: str | bool | None = None,
+        hyperparameters: dict[str, Any] | str | None = None,
+        mlflow_conn_id: str | None = None,
+        experiment_name: str | None = None,
+        mlflow_secret: str | None = None,
+        checkpoint_volume: dict[str, str] | None = None,
+        checkpoint_uri: str | None = None,
+        distributed: bool = False,
+        nproc_per_node: int | None = None,
+        launcher: str | None = None,
+        unschedulable_timeout_seconds: int | None = 60,
+        local_kill_grace_seconds: float = 10.0,
+        do_xcom_push: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if not do_xcom_push:
+            raise spec.bad_param(
+                "do_xcom_push", do_xcom_push, "must be True: the trainer's result is this operator's output"
+            )
+        super().__init__(
+            image=image,
+            cmds=list(spec.DEFAULT_CMDS) if cmds is None else cmds,
+            arguments=arguments,
+            do_xcom_push=True,
+            **kwargs,
+        )
+        self.gpus = spec.check_gpus(gpus)
+        self.gpu_resource = spec.check_resource_name("gpu_resource", gpu_resource)
+        self.gpu_type_label = spec.check_label_key("gpu_type_label", gpu_type_label)
+        self.gpu_type = spec.check_gpu_type(gpu_type)
+        self.cpu = cpu if spec.is_templated(cpu) else spec.check_quantity("cpu", cpu)
+        self.memory = memory if spec.is_templated(memory) else spec.check_quantity("memory", memory)
+        if shm_size is not None and not isinstance(shm_size, bool) and not spec.is_templated(shm_size):
+            spec.check_quantity("shm_size", shm_size)
+        self.shm_size = shm_size
+        if self.container_resources is not None and (self.gpus or cpu is not None or memory is not None):
+            raise spec.bad_param(
+                "container_resources",
+                self.container_resources,
+                "set either container_resources or gpus=/cpu=/memory=, not both (they would conflict)",
+            )
+        if not spec.is_templated(hyperparameters):
+            spec.check_hyperparameters(hyperparameters)
+        self.hyperparameters = hyperparameters
+        self.mlflow_conn_id = mlflow_conn_id
+        self.experiment_name = experiment_name
+        self.mlflow_secret = mlflow_secret
+        self.checkpoint_volume = spec.check_checkpoint_volume(checkpoint_volume)
+        if checkpoint_volume is not None and checkpoint_uri is not None:
+            raise spec.bad_param(
+                "checkpoint_uri", checkpoint_uri, "set either checkpoint_volume or checkpoint_uri, not both"
+            )
+        if checkpoint_uri is not None and (not isinstance(checkpoint_uri, str) or not checkpoint_uri.strip()):
+            raise spec.bad_param("checkpoint_uri", checkpoint_uri, "expected a non-empty path or URI string")
+        self.checkpoint_uri = checkpoint_uri
+        self.nproc_per_node = spec.check_positive_int("nproc_per_node", nproc_per_node)
+        if not isinstance(distributed, bool):
+            raise spec.bad_param("distributed", distributed, "expected True or False")
+        self.distributed = distributed or nproc_per_node is not None
+        if self.distributed and self.nproc_per_node is None and self.gpus == 0:
+            raise spec.bad_param(
+                "distributed",
+                distributed,
+                "with gpus=0, set nproc_per_node= (one process per GPU needs GPUs)",
+            )
+        if launcher is not None and launcher not in spec.LAUNCHERS:
+            raise spec.bad_param("launcher", launcher, f"expected one of {list(spec.LAUNCHERS)} or None")
+        self.launcher = launcher
+        self.unschedulable_timeout_seconds = spec.check_positive_int(
+            "unschedulable_timeout_seconds", unschedulable_timeout_seconds
+        )
+        if isinstance(local_kill_grace_seconds, bool) or not isinstance(
+            local_kill_grace_seconds, (int, float)
+        ):
+            raise spec.bad_param(
+                "local_kill_grace_seconds", local_kill_grace_seconds, "expected seconds >= 0"
+            )
+        if local_kill_grace_seconds < 0:
+            raise spec.bad_param(
+                "local_kill_grace_seconds", local_kill_grace_seconds, "expected seconds >= 0"
+            )
+        self.local_kill_grace_seconds = float(local_kill_grace_seconds)
+        self._check_env_vars()
+        self._local_process: LocalProcess | None = None
+        self._xcom_problem: str | None = None
+        self._startup_failure: GPUTrainingFailure | None = None
+        self._final_result: Any = _UNSET
+
+    # -- validation --------------------------------------------------------------------------------
+
+    def _check_env_vars(self) -> None:
+        env = self.env_vars
+        if spec.is_templated(env):
+            return
+        names = list(env) if isinstance(env, dict) else [getattr(e, "name", None) for e in env or []]
+        clash = sorted(set(RESERVED_ENV) & {str(n) for n in names})
+        if clash:
+            raise spec.bad_param(
+                "env_vars",
+                clash,
+                "these variables are set by the operator: use hyperparameters=, mlflow_conn_id=, "
+                "experiment_name=, mlflow_secret=, checkpoint_volume=/checkpoint_uri= instead",
+            )
+
+    def _rendered_hyperparameters(self) -> dict[str, Any]:
+        """Validate what templating or mapping produced (the construction-time check saw a placeholder)."""
+        return spec.check_hyperparameters(self.hyperparameters)
+
+    def _rendered_quantities(self) -> tuple[str | None, str | None, str | None]:
+        cpu = spec.check_quantity("cpu", self.cpu)
+        memory = spec.check_quantity("memory", self.memory)
+        shm = self.shm_size
+        shm_limit = None if shm is None or isinstance(shm, bool) else spec.check_quantity("shm_size", shm)
+        return cpu, memory, shm_limit
+
+    def _resolve_launcher(self) -> str:
+        launcher = self.launcher or conf.get("mltrain", "launcher", fallback="kubernetes") or "kubernetes"
+        launcher = launcher.strip().lower()
+        if launcher not in spec.LAUNCHERS:
+            raise spec.bad_param(
+                "launcher", launcher, f"([mltrain] launcher setting) expected one of {list(spec.LAUNCHERS)}"
+            )
+        return launcher
+
+    def _shm_enabled(self) -> bool:
+        return self.gpus > 0 if self.shm_size is None else self.shm_size is not False
+
+    def _nproc(self) -> int | None:
+        if not self.distributed:
+            return None
+        return self.nproc_per_node or self.gpus
+
+    # -- the pod -----------------------------------------------------------------------------------
+
+    def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
+        """The parent's pod plus GPUs, affinity, tolerations, volumes, security defaults and the contract."""
+        hyperparameters = self._rendered_hyperparameters()
+        cpu, memory, shm_limit = self._rendered_quantities()
+        pod = super().build_pod_request_obj(context, dry_run=dry_run)
+        container = self._base_container(pod)
+        if container.image is None and self._resolve_launcher() == "kubernetes":
+            raise spec.bad_param("image", None, "the trainer image is required to run on Kubernetes")
+
+        wanted = spec.resources(self.gpus, self.gpu_resource, cpu, memory)
+        if wanted is not None:
+            container.resources = wanted
+        nproc = self._nproc()
+        if nproc:
+            container.command = spec.torchrun_command(container.command or [], nproc)
+
+        pod_spec = pod.spec
+        if self.gpus:
+            pod_spec.tolerations = spec.merge_tolerations(
+                pod_spec.tolerations or [], spec.gpu_toleration(self.gpu_resource)
+            )
+        if self.gpu_type:
+            requirement = k8s.V1NodeSelectorRequirement(
+                key=self.gpu_type_label, operator="In", values=list(self.gpu_type)
+            )
+            pod_spec.affinity = spec.add_required_node_affinity(pod_spec.affinity or None, requirement)
+
+        volumes = list(pod_spec.volumes or [])
+        mounts = list(container.volume_mounts or [])
+        if self._shm_enabled():
+            volumes.append(
+                k8s.V1Volume(
+                    name=spec.SHM_VOLUME,
+                    empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_limit or memory),
+                )
+            )
+            mounts.append(k8s.V1VolumeMount(name=spec.SHM_VOLUME, mount_path="/dev/shm"))
+        checkpoint_dir = self._checkpoint_dir(context)
+        if self.checkpoint_volume:
+            volumes.append(
+                k8s.V1Volume(
+                    name=spec.CHECKPOINT_VOLUME,
+                    persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+                        claim_name=self.checkpoint_volume["claim_name"]
+                    ),
+                )
+            )
+            mounts.append(
+                k8s.V1VolumeMount(
+                    name=spec.CHECKPOINT_VOLUME, mount_path=self.checkpoint_volume["mount_path"]
+                )
+            )
+        elif not self.checkpoint_uri:
+            # Without a PVC or URI, checkpoints live as long as the pod: a retry starts over.
+            volumes.append(k8s.V1Volume(name=spec.CHECKPOINT_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()))
+            mounts.append(
+                k8s.V1VolumeMount(name=spec.CHECKPOINT_VOLUME, mount_path=spec.DEFAULT_CHECKPOINT_MOUNT)
+            )
+        pod_spec.volumes = volumes
+        container.volume_mounts = mounts
+
+        env = [e for e in container.env or [] if e.name not in RESERVED_ENV]
+        env += [
+            k8s.V1EnvVar(name=name, value=value)
+            for name, value in self._contract_env(context, hyperparameters, checkpoint_dir).items()
+        ]
+        if self.mlflow_secret:
+            env += spec.secret_env(self.mlflow_secret, contract.CREDENTIAL_ENV_VARS)
+        container.env = env
+
+        # Restricted profile unless the user (operator argument, template or connection) set one.
+        if not pod_spec.security_context:
+            pod_spec.security_context = spec.restricted_pod_security_context()
+        for c in pod_spec.containers:
+            if c.security_context:
+                continue
+            if c is container:
+                c.security_context = spec.restricted_container_security_context()
+            else:
+                # The xcom sidecar's image (alpine) runs as root unless told otherwise.
+                c.security_context = spec.restricted_container_security_context(run_as_user=65534)
+        return pod
+
+    def _base_container(self, pod: k8s.V1Pod) -> k8s.V1Container:
+        for container in pod.spec.containers:
+            if container.name == self.base_container_name:
+                return container
+        raise AirflowException(f"pod has no container named {self.base_container_name!r}")
+
+    @staticmethod
+    def _lineage(context: Context | None) -> dict[str, Any]:
+        if not context:
+            return {}
+        ti = context["ti"]
+        return {
+            "dag_id": ti.dag_id,
+            "run_id": context["run_id"],
+            "task_id": ti.task_id,
+            "map_index": ti.map_index,
+            "try_number": ti.try_number,
+        }
+
+    def _checkpoint_suffix(self, context: Context | None) -> str:
+        lineage = self._lineage(context)
+        if not lineage:
+            return spec.path_segment(self.task_id)
+        return spec.checkpoint_suffix(
+            lineage["dag_id"], lineage["task_id"], lineage["run_id"], lineage["map_index"]
+        )
+
+    def _checkpoint_dir(self, context: Context | None) -> str:
+        suffix = self._checkpoint_suffix(context)
+        if self.checkpoint_volume:
+            return f"{self.checkpoint_volume['mount_path']}/{suffix}"
+        if self.checkpoint_uri:
+            return f"{str(self.checkpoint_uri).rstrip('/')}/{suffix}"
+        return f"{spec.DEFAULT_CHECKPOINT_MOUNT}/{suffix}"
+
+    def _contract_env(
+        self, context: Context | None, hyperparameters: dict[str, Any], checkpoint_dir: str
+    ) -> dict[str, str]:
+        lineage = self._lineage(context)
+        env = {
+            contract.ENV_HYPERPARAMETERS: contract.encode_hyperparameters(hyperparameters),
+            contract.ENV_RESULT_PATH: contract.DEFAULT_RESULT_PATH,
+            contract.ENV_CHECKPOINT_DIR: checkpoint_dir,
+            contract.ENV_LINEAGE: json.dumps(lineage, sort_keys=True),
+            contract.ENV_RUN_NAME: spec.run_name(
+                lineage.get("dag_id", self.dag_id if self.has_dag() else "dag"),
+                self.task_id,
+                lineage.get("map_index"),
+            ),
+        }
+        if self.mlflow_conn_id:
+            env[contract.ENV_TRACKING_URI] = MLflowHook(self.mlflow_conn_id).tracking_uri
+        if self.experiment_name:
+            env[contract.ENV_EXPERIMENT_NAME] = str(self.experiment_name)
+        return env
+
+    # -- running on Kubernetes -----------------------------------------------------------------------
+
+    def execute(self, context: Context) -> Any:
+        self._xcom_problem = None
+        self._startup_failure = None
+        self._final_result = _UNSET
+        if self._resolve_launcher() == "local":
+            return self._execute_local(context)
+        self._warn_if_credentials_unreachable()
+        raw = super().execute(context)
+        if self._final_result is not _UNSET:
+            # Deferrable mode with a pod that was already finished: the parent ran trigger_reentry inline
+            # and dropped its return value.
+            return self._final_result
+        return self._finish(context, raw)
+
+    def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
+        self._xcom_problem = None
+        raw = super().trigger_reentry(context, event)
+        self._final_result = self._finish(context, raw)
+        return self._final_result
+
+    def extract_xcom(self, pod: k8s.V1Pod, *, ignore_kill_failure: bool = True) -> dict[Any, Any] | None:
+        try:
+            return super().extract_xcom(pod, ignore_kill_failure=ignore_kill_failure)
+        except json.JSONDecodeError as err:
+            # Reported by _finish with the contract's wording; raising here would skip the pod cleanup.
+            self._xcom_problem = f"trainer result at {contract.DEFAULT_RESULT_PATH} is not valid JSON ({err})"
+            return None
+
+    def await_pod_start(self, pod: k8s.V1Pod) -> None:
+        if self.unschedulable_timeout_seconds is not None:
+            self._await_scheduling(pod)
+        try:
+            super().await_pod_start(pod)
+        except (PodLaunchFailedException, PodLaunchTimeoutException) as err:
+            cause = self._triage(pod, read_logs=False)
+            if cause:
+                self._startup_failure = GPUTrainingFailure(cause)
+                raise self._startup_failure from err
+            raise
+
+    def _await_scheduling(self, pod: k8s.V1Pod) -> None:
+        """Fail fast when the scheduler says no node fits, instead of waiting out the schedule timeout."""
+        assert self.unschedulable_timeout_seconds is not None
+        deadline = time.monotonic() + self.schedule_timeout_seconds
+        first_seen: float | None = None
+        while True:
+            remote = self.pod_manager.read_pod(pod)
+            message = unschedulable_message(remote)
+            if message is None:
+                if remote.status is None or remote.status.phase not in (PodPhase.PENDING, "Unknown"):
+                    return
+                if any(
+                    c.type == "PodScheduled" and c.status == "True" for c in remote.status.conditions or []
+                ):
+                    return
+                first_seen = None
+            else:
+                now = time.monotonic()
+                first_seen = now if first_seen is None else first_seen
+                if now - first_seen >= self.unschedulable_timeout_seconds and not self._scaling_up(pod):
+                    self._startup_failure = GPUTrainingFailure(
+                        explain_unschedulable(message, self._triage_context())
+                        + f"\n(gave up after {self.unschedulable_timeout_seconds}s unschedulable; "
+                        "raise unschedulable_timeout_seconds= to wait longer)"
+                    )
+                    raise self._startup_failure
+            if time.monotonic() >= deadline:
+                return  # the parent reports its own schedule timeout
+            time.sleep(self.startup_check_interval_seconds)
+
+    def _scaling_up(self, pod: k8s.V1Pod) -> bool:
+        """Whether the cluster autoscaler is adding a node for this pod (then waiting is right)."""
+        try:
+            events = self.pod_manager.read_pod_events(pod).items or []
+        except Exception:
+            return False
+        return any(getattr(e, "reason", None) == "TriggeredScaleUp" for e in events)
+
+    def cleanup(
+        self,
+        pod: k8s.V1Pod,
+        remote_pod: k8s.V1Pod,
+        xcom_result: dict | None = None,
+        context: Context | None = None,
+    ) -> None:
+        # Read the cause before the parent deletes the pod; the parent's error only says "returned a failure".
+        cause = None
+        if self._startup_failure is None and remote_pod is not None and not self._killed:
+            cause = self._triage(remote_pod, read_logs=True)
+        try:
+            super().cleanup(pod, remote_pod, xcom_result, context)
+        except AirflowSkipException:
+            raise
+        except AirflowException as err:
+            if self._startup_failure is not None:
+                raise self._startup_failure from err
+            if cause:
+                raise GPUTrainingFailure(cause) from err
+            raise
+
+    def _triage_context(self) -> TriageContext:
+        shm = None if self.shm_size is None or isinstance(self.shm_size, bool) else str(self.shm_size)
+        return TriageContext(
+            gpus=self.gpus,
+            gpu_resource=self.gpu_resource,
+            gpu_type=tuple(self.gpu_type),
+            gpu_type_label=self.gpu_type_label,
+            image=self.image,
+            memory=str(self.memory) if self.memory else None,
+            shm_size=shm if self._shm_enabled() else None,
+        )
+
+    def _triage(self, pod: k8s.V1Pod, *, read_logs: bool) -> str | None:
+        """Diagnose a pod that failed or never started; never raises (a diagnosis is a bonus)."""
+        try:
+            remote = pod
+            status = getattr(pod, "status", None)
+            if status is None or status.phase in (None, PodPhase.PENDING) or not status.container_statuses:
+                remote = self.pod_manager.read_pod(pod)
+            if container_is_succeeded(remote, self.base_container_name):
+                return None
+            tail: list[str] = []
+            if read_logs and remote.status and remote.status.phase != PodPhase.PENDING:
+                tail = self._log_tail(remote)
+            return triage(remote, self.base_container_name, tail, self._triage_context())
+        except Exception as err:
+            self.log.warning("Could not diagnose the training pod: %s", err)
+            return None
+
+    def _log_tail(self, pod: k8s.V1Pod, lines: int = 50) -> list[str]:
+        try:
+            logs = self.pod_manager.read_pod_logs(
+                pod, self.base_container_name, tail_lines=lines, follow=False
+            )
+            return [
+                raw.decode("utf-8", "replace").rstrip() if isinstance(raw, bytes) else str(raw).rstrip()
+                for raw in logs
+            ]
+        except Exception as err:
+            self.log.warning("Could not read the trainer's last log lines: %s", err)
+            return []
+
+    def _warn_if_credentials_unreachable(self) -> None:
+        if not self.mlflow_conn_id or self.mlflow_secret:
+            return
+        try:
+            has_creds = bool(
+                set(MLflowHook(self.mlflow_conn_id).child_environment()) & set(contract.CREDENTIAL_ENV_VARS)
+            )
+        except Exception:
+            return
+        if has_creds:
+            self.log.warning(
+                "MLflow connection %r has credentials but mlflow_secret= is not set: the pod gets the "
+                "tracking URI only (credentials never go into a pod spec). Create a Secret with keys %s "
+                "and pass its name as mlflow_secret=.",
+                self.mlflow_conn_id,
+                list(contract.CREDENTIAL_ENV_VARS),
+            )
+
+    # -- results -------------------------------------------------------------------------------------
+
+    def _finish(self, context: Context, raw: Any) -> dict[str, Any]:
+        """Validate the trainer's result, push its parts, build the MLflow link."""
+        where = contract.DEFAULT_RESULT_PATH
+        if self._xcom_problem:
+            raise AirflowException(
+                f"{self._xcom_problem}: expected a JSON object with keys {list(contract.RESULT_KEYS)}"
+            )
+        if raw is None:
+            raise AirflowException(
+                f"trainer wrote no result at {where}: expected a JSON object with keys "
+                f"{list(contract.RESULT_KEYS)} (does the trainer call gpu_trainer.contract.write_result?)"
+            )
+        try:
+            result = contract.validate_result(raw)
+        except contract.ContractError as err:
+            raise AirflowException(f"{err} (read from {where})") from err
+        ti = context["ti"]
+        for key in ("run_id", "model_uri", "metrics"):
+            ti.xcom_push(key=key, value=result[key])
+        self._persist_run_link(context, result)
+        return result
+
+    def _persist_run_link(self, context: Context, result: dict[str, Any]) -> None:
+        run_id = result.get("run_id")
+        if not self.mlflow_conn_id or not run_id:
+            return
+        try:
+            hook = MLflowHook(self.mlflow_conn_id)
+            if not hook.ui_url:
+                return
+            experiment_id = hook.get_conn().get_run(run_id).info.experiment_id
+            MLflowRunLink.persist(context, hook.run_url(experiment_id, run_id))
+        except Exception as err:
+            self.log.warning("Could not build the MLflow run link for run %s: %s", run_id, err)
+
+    # -- running locally -----------------------------------------------------------------------------
+
+    def _execute_local(self, context: Context) -> dict[str, Any]:
+        from airflow_provider_mltrain.launchers.local import (
+            LocalProcess,
+            LocalTrainerTimeout,
+            child_environment,
+            local_command,
+        )
+
+        # Build (and so validate) the same pod as on Kubernetes, without asking any cluster.
+        vars(self)["hook"] = _OfflineKubernetesHook()
+        pod = self.build_pod_request_obj(context, dry_run=True)
+        container = self._base_container(pod)
+        # Literal values only: Secret references have no value here, the connection supplies credentials.
+        env = {e.name: e.value for e in container.env or [] if e.value is not None}
+        if self.mlflow_conn_id:
+            env.update(MLflowHook(self.mlflow_conn_id).child_environment())
+        checkpoint_dir = os.path.join(self._local_checkpoint_root(), self._checkpoint_suffix(context))
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        env[contract.ENV_CHECKPOINT_DIR] = checkpoint_dir
+        result_dir = tempfile.mkdtemp(prefix="mltrain-result-")
+        result_path = os.path.join(result_dir, "return.json")
+        env[contract.ENV_RESULT_PATH] = result_path
+
+        cmd = local_command([*(container.command or []), *(container.args or [])])
+        process = LocalProcess(
+            cmd, child_environment(env), self.log, kill_grace_s=self.local_kill_grace_seconds
+        )
+        self._local_process = process
+        timeout_s = self.execution_timeout.total_seconds() if self.execution_timeout else None
+        try:
+            process.start()
+            try:
+                rc = process.wait(timeout_s)
+            except LocalTrainerTimeout as err:
+                raise AirflowException(f"Local trainer: {err}") from err
+            if rc != 0:
+                cause = triage(None, self.base_container_name, list(process.tail), self._triage_context())
+                message = f"Local trainer exited with code {rc}: {cmd}"
+                if cause:
+                    raise GPUTrainingFailure(f"{cause}\n{message}")
+                raise AirflowException(message + " (see the [trainer] lines above)")
+            try:
+                raw = contract.load_result(result_path)
+            except contract.ContractError as err:
+                raise AirflowException(str(err)) from err
+        finally:
+            self._local_process = None
+            shutil.rmtree(result_dir, ignore_errors=True)
+        return self._finish(context, raw)
+
+    @staticmethod
+    def _local_checkpoint_root() -> str:
+        root = conf.get("mltrain", "local_checkpoint_root", fallback=None)
+        if not root:
+            home = os.environ.get("AIRFLOW_HOME") or tempfile.gettempdir()
+            root = os.path.join(home, "mltrain", "checkpoints")
+        return os.path.expanduser(root)
+
+    def on_kill(self) -> None:
+        process = self._local_process
+        if process is not None:
+            process.stop()
+            return
+        super().on_kill()

@@ -70,10 +70,17 @@ def get_provider_info() -> dict[str, Any]:
                 "tags": ["software"],
             }
         ],
-        "operators": [],
+        "operators": [
+            {
+                "integration-name": "Kubernetes GPU training",
+                "python-modules": ["airflow_provider_mltrain.operators.gpu_training"],
+            },
+        ],
         "sensors": [],
         "triggers": [],
-        "extra-links": [],
+        "extra-links": [
+            "airflow_provider_mltrain.links.mlflow.MLflowRunLink",
+        ],
         "config": {
             "mltrain": {
                 "description": "airflow-provider-mltrain settings.",
@@ -85,7 +92,16 @@ def get_provider_info() -> dict[str, Any]:
                         "type": "string",
                         "example": "local",
                         "default": "kubernetes",
-                    }
+                    },
+                    "local_checkpoint_root": {
+                        "description": "Base directory of the local launcher's checkpoints (one directory "
+                        "per dag/task/run/map index below it, so a retry resumes). Empty: "
+                        "$AIRFLOW_HOME/mltrain/checkpoints.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/data/mltrain/checkpoints",
+                        "default": "",
+                    },
                 },
             }
         },

@@ -13,10 +13,10 @@ from unittest import mock
 
 import kubernetes_validate
 import pytest
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
 
-from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow_provider_mltrain.hooks.mlflow import connection_json
 from airflow_provider_mltrain.links.mlflow import MLflowRunLink
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
@@ -80,11 +80,17 @@ def test_cpu_only_pod_is_valid_and_restricted(k8s_hook):
     assert_valid(pod)
     c = base(pod)
     assert c["command"] == ["python", "-m", "gpu_trainer.train"]
-    assert c["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
+    assert c["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"cpu": "2", "memory": "4Gi"},
+    }
     assert "tolerations" not in pod["spec"] or not pod["spec"]["tolerations"]
     assert "/dev/shm" not in [m["mountPath"] for m in c["volumeMounts"]]
     # Pod Security Standards "restricted".
-    assert pod["spec"]["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["spec"]["securityContext"] == {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     for container in pod["spec"]["containers"]:
         sc = container["securityContext"]
         assert sc["allowPrivilegeEscalation"] is False
@@ -111,7 +117,9 @@ def test_one_gpu_pod(k8s_hook):
     assert c["args"] == ["--epochs", "5"]
     assert c["resources"]["requests"]["nvidia.com/gpu"] == "1"
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert pod["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["spec"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
     shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "mltrain-shm")
     # Default shm: memory-backed, bounded by the memory limit.
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
@@ -128,7 +136,10 @@ def test_eight_gpus_torchrun_gpu_type_list_pvc_secret(k8s_hook, airflow_conn):
         memory="512Gi",
         shm_size="64Gi",
         distributed=True,
-        tolerations=[user_tol, k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
+        tolerations=[
+            user_tol,
+            k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),
+        ],
         checkpoint_volume={"claim_name": "ckpt-pvc", "mount_path": "/ckpt"},
         mlflow_conn_id="mlflow_prod",
         experiment_name="digits",
@@ -224,12 +235,17 @@ def test_gpu_type_is_anded_into_user_affinity_and_amd_resource(k8s_hook):
             "matchExpressions"
         ]
     assert base(pod)["resources"]["limits"] == {"amd.com/gpu": "2"}
-    assert pod["spec"]["tolerations"] == [{"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["spec"]["tolerations"] == [
+        {"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
     assert all(v["name"] != "mltrain-shm" for v in pod["spec"]["volumes"])
 
 
 def test_user_security_context_wins(k8s_hook):
-    op = op_(security_context={"runAsUser": 1234, "runAsNonRoot": True}, container_security_context={"privileged": False})
+    op = op_(
+        security_context={"runAsUser": 1234, "runAsNonRoot": True},
+        container_security_context={"privileged": False},
+    )
     pod = build(op)
     assert pod["spec"]["securityContext"] == {"runAsUser": 1234, "runAsNonRoot": True}
     assert base(pod)["securityContext"] == {"privileged": False}
@@ -312,7 +328,9 @@ def test_templated_values_are_accepted_at_construction():
 
 
 def test_valid_quantities_and_resources_accepted():
-    op = op_(gpus=4, gpu_resource="amd.com/gpu", cpu=0.5, memory="1.5Gi", shm_size="1e9", gpu_type="NVIDIA-L4")
+    op = op_(
+        gpus=4, gpu_resource="amd.com/gpu", cpu=0.5, memory="1.5Gi", shm_size="1e9", gpu_type="NVIDIA-L4"
+    )
     assert (op.cpu, op.memory, op.gpu_type) == ("0.5", "1.5Gi", ["NVIDIA-L4"])
 
 

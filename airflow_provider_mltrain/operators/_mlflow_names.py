@@ -1,0 +1,82 @@
+"""Validation of MLflow registry names at DAG parse time, without importing mlflow.
+
+The rules mirror MLflow 3's own (``mlflow/utils/validation.py``: ``_validate_model_name``,
+``_validate_model_alias_name`` and ``_validate_model_alias_name_reserved``) so a bad name fails when the DAG
+is parsed instead of after the training it follows.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_ALIAS_CHARS = re.compile(r"^[\w\-]+$")
+_VERSION_ALIAS = re.compile(r"^[vV]\d+$")
+MAX_ALIAS_LENGTH = 255
+#: Legacy registry stages a version may be moved to (``None`` is not a target).
+LEGACY_STAGES = ("Staging", "Production", "Archived")
+
+
+def is_template(value: Any) -> bool:
+    """True for a value Airflow renders later (a Jinja string or an XComArg); it is checked after rendering.
+
+    :param value: a parameter value.
+    """
+    if isinstance(value, str):
+        return "{{" in value or "{%" in value
+    # XComArg and other resolvables (duck-typed: importing airflow.sdk's XComArg here costs nothing
+    # but keeps this module free of Airflow internals).
+    return hasattr(value, "resolve") and not isinstance(value, (dict, list, tuple))
+
+
+def validate_model_name(value: Any, param: str = "model_name") -> str:
+    """A registered model name MLflow accepts.
+
+    :param value: the name.
+    :param param: the parameter name for the error message.
+    :raises ValueError: naming the parameter, the value and the rule.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{param} must be a non-empty string (a registered model name), got {value!r}")
+    if "/" in value or ":" in value:
+        raise ValueError(
+            f"{param} {value!r} is not a valid registered model name: names cannot contain '/' or ':'"
+        )
+    return value
+
+
+def validate_alias(value: Any, param: str = "aliases") -> str:
+    """A registered model alias MLflow accepts.
+
+    :param value: the alias.
+    :param param: the parameter name for the error message.
+    :raises ValueError: naming the parameter, the value and the rule.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{param}: an alias must be a non-empty string, got {value!r}")
+    if not _ALIAS_CHARS.match(value):
+        raise ValueError(
+            f"{param}: alias {value!r} is invalid: aliases may only contain letters, digits, '_' and '-'"
+        )
+    if len(value) > MAX_ALIAS_LENGTH:
+        raise ValueError(f"{param}: alias {value[:40]!r}... is longer than {MAX_ALIAS_LENGTH} characters")
+    if value.lower() == "latest":
+        raise ValueError(
+            f"{param}: alias {value!r} is reserved by MLflow ('latest' means the newest version)"
+        )
+    if _VERSION_ALIAS.match(value):
+        raise ValueError(f"{param}: alias {value!r} is reserved by MLflow (v<number> names a version)")
+    return value
+
+
+def validate_stage(value: Any) -> str:
+    """A legacy registry stage, returned in MLflow's spelling.
+
+    :param value: ``staging``, ``Production``, ... (case-insensitive).
+    :raises ValueError: naming the value and the allowed stages.
+    """
+    if isinstance(value, str):
+        for stage in LEGACY_STAGES:
+            if value.strip().lower() == stage.lower():
+                return stage
+    raise ValueError(f"stage must be one of {list(LEGACY_STAGES)} (or None), got {value!r}")

@@ -76,8 +76,18 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_mltrain.operators.gpu_training"],
             },
         ],
-        "sensors": [],
-        "triggers": [],
+        "sensors": [
+            {
+                "integration-name": "Datasets (S3 and local files)",
+                "python-modules": ["airflow_provider_mltrain.sensors.dataset"],
+            },
+        ],
+        "triggers": [
+            {
+                "integration-name": "Datasets (S3 and local files)",
+                "python-modules": ["airflow_provider_mltrain.triggers.dataset"],
+            },
+        ],
         "extra-links": [
             "airflow_provider_mltrain.links.mlflow.MLflowRunLink",
         ],

@@ -211,6 +211,20 @@ def load_dataset(
     return Dataset(train, val, columns, num_classes, separate_val=bool(val_files))
 
 
+def load_holdout(uri: str, *, label_column: str = "label", feature_columns: Sequence[str] = ()) -> tuple[Split, list[str]]:
+    """Read a holdout set: every row of ``uri``, or only its validation files when it has a split.
+
+    :param uri: a Parquet file or directory, local or an fsspec URI.
+    :param label_column: the label column.
+    :param feature_columns: feature columns; empty means every other numeric column.
+    :raises TrainerError: for missing data, a missing label column, NaN features or bad labels.
+    """
+    train_files, val_files, fs = discover(uri)
+    frame = _read(fs, val_files or train_files)
+    columns = _columns(frame, label_column, feature_columns, uri)
+    return _to_split(frame, columns, label_column, uri), columns
+
+
 def pin(split: Split) -> Split:
     """Page-lock a split's tensors so ``.to(cuda, non_blocking=True)`` is a true async copy."""
     return Split(split.features.pin_memory(), split.labels.pin_memory())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
+        apply_tracking_uri()
         mlflow.set_experiment(experiment)
         run = None
         if resume_run_id:
@@ -132,13 +132,10 @@ class Tracker:
         self._mlflow.end_run(status=status)
 
 
-def artifact_dir() -> str:
-    """A scratch directory for artifacts written before upload."""
-    return tempfile.mkdtemp(prefix="gpu-trainer-")
-
-
-def tracking_uri() -> str:
-    """The tracking URI in effect (``MLFLOW_TRACKING_URI`` or MLflow's default)."""
+def apply_tracking_uri() -> None:
+    """Use ``MLFLOW_TRACKING_URI`` as set now, even if something in this process set another URI before."""
     import mlflow
 
-    return os.environ.get(contract.ENV_TRACKING_URI) or mlflow.get_tracking_uri()
+    uri = os.environ.get(contract.ENV_TRACKING_URI)
+    if uri:
+        mlflow.set_tracking_uri(uri)

@@ -1,0 +1,76 @@
+"""Fixtures for the trainer's integration tests: real digits data and one reference training run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpu_trainer.digits import write_digits
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+#: One configuration shared by the reference run, the resume test and the torchrun test.
+BASE_ARGS = ["--epochs", "4", "--batch-size", "64", "--lr", "0.002", "--seed", "7", "--hidden-dim", "128"]
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's digits as train.parquet / val.parquet."""
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(str(out))
+    return out
+
+
+def trainer_env(tracking_uri: str, **extra: str) -> dict[str, str]:
+    """A clean environment for a trainer subprocess (no inherited MLflow/contract variables)."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MLFLOW_", "MLTRAIN_")) and key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    env.update(
+        MLFLOW_TRACKING_URI=tracking_uri,
+        PYTHONPATH=str(REPO_ROOT),
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        **extra,
+    )
+    return env
+
+
+def run_trainer(args: list[str], env: dict[str, str], *, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m gpu_trainer.train`` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "gpu_trainer.train", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+    )
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> dict:
+    """An uninterrupted 4-epoch run on a SQLite store; returns paths and the result."""
+    root = tmp_path_factory.mktemp("reference-run")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    lineage = {"dag_id": "train_dag", "run_id": "manual__1", "task_id": "train", "map_index": -1, "try_number": 1}
+    env = trainer_env(uri, MLTRAIN_LINEAGE=json.dumps(lineage), MLFLOW_EXPERIMENT_NAME="reference")
+    proc = run_trainer(
+        ["--data", str(digits_dir), *BASE_ARGS, "--checkpoint-dir", str(root / "ckpt"), "--output", str(root / "result.json")],
+        env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {
+        "root": root,
+        "tracking_uri": uri,
+        "result": json.loads((root / "result.json").read_text()),
+        "stdout": proc.stdout,
+        "lineage": lineage,
+    }

@@ -1,0 +1,140 @@
+"""The local launcher: command substitution, environment hygiene, log streaming and killing process groups."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from airflow_provider_mltrain.launchers.local import (
+    LocalProcess,
+    LocalTrainerTimeout,
+    child_environment,
+    local_command,
+)
+
+
+class ListLog:
+    """Collects what the launcher logs."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, msg: str, *args: object) -> None:
+        self.lines.append(msg % args)
+
+    warning = info
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(path: Path, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def spawner(tmp_path: Path, *, ignore_term: bool) -> Path:
+    """A trainer that starts a grandchild (like a DataLoader worker) and sleeps."""
+    script = tmp_path / "spawner.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import signal, subprocess, sys, time
+            if {ignore_term!r}:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+            open({str(tmp_path / "pids")!r}, "w").write(f"{{child.pid}}\\n")
+            print("started", flush=True)
+            time.sleep(600)
+            """
+        )
+    )
+    return script
+
+
+def test_local_command_uses_worker_python():
+    assert local_command(["python", "-m", "gpu_trainer.train", "--epochs", "1"]) == [
+        sys.executable,
+        "-m",
+        "gpu_trainer.train",
+        "--epochs",
+        "1",
+    ]
+    assert local_command(["torchrun", "--standalone", "-m", "x"])[:3] == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+    ]
+    assert local_command(["/usr/bin/env", "true"]) == ["/usr/bin/env", "true"]
+    with pytest.raises(ValueError, match="empty command"):
+        local_command([])
+
+
+def test_child_environment_withholds_worker_secrets():
+    base = {
+        "PATH": "/usr/bin",
+        "AIRFLOW_CONN_OTHER": "postgres://u:secret@db/x",
+        "AIRFLOW_VAR_TOKEN": "t",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://u:pw@db/airflow",
+        "AIRFLOW__CORE__FERNET_KEY": "k",
+        "MLFLOW_TRACKING_PASSWORD": "worker-own",
+    }
+    env = child_environment({"MLTRAIN_HYPERPARAMETERS": "{}", "MLFLOW_TRACKING_PASSWORD": "conn-pw"}, base)
+    assert env["PATH"] == "/usr/bin"
+    assert env["MLTRAIN_HYPERPARAMETERS"] == "{}"
+    assert env["MLFLOW_TRACKING_PASSWORD"] == "conn-pw"  # this task's connection, not the worker's
+    assert not {k for k in env if k.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_", "AIRFLOW__"))}
+
+
+def test_streams_output_line_by_line_and_returns_exit_code(tmp_path):
+    script = tmp_path / "t.py"
+    script.write_text("import sys\nprint('one', flush=True)\nprint('two', flush=True)\nsys.exit(3)\n")
+    log = ListLog()
+    proc = LocalProcess([sys.executable, str(script)], dict(os.environ), log)
+    proc.start()
+    assert proc.wait(30) == 3
+    assert "[trainer] one" in log.lines and "[trainer] two" in log.lines
+    assert list(proc.tail) == ["one", "two"]
+
+
+@pytest.mark.parametrize("ignore_term", [False, True])
+def test_timeout_stops_the_whole_process_group(tmp_path, ignore_term):
+    log = ListLog()
+    proc = LocalProcess(
+        [sys.executable, str(spawner(tmp_path, ignore_term=ignore_term))],
+        dict(os.environ),
+        log,
+        kill_grace_s=0.5,
+    )
+    proc.start()
+    grandchild = int(wait_for(tmp_path / "pids"))
+    started = time.monotonic()
+    with pytest.raises(LocalTrainerTimeout, match="longer than"):
+        proc.wait(1.0)
+    assert time.monotonic() - started < 10
+    assert proc.proc is not None and not alive(proc.proc.pid)
+    deadline = time.monotonic() + 5
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(grandchild), "the trainer's child survived the kill"
+    if ignore_term:
+        assert any("SIGKILL" in line for line in log.lines)

@@ -52,7 +52,7 @@ class ModelSource(NamedTuple):
 
 
 @functools.cache
-def _scoped_client_class() -> type[MlflowClient]:
+def _scoped_client_class() -> Callable[..., MlflowClient]:
     """Build (once) an ``MlflowClient`` whose REST stores take credentials from the hook.
 
     MLflow resolves a REST store's credentials from ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` /
@@ -258,7 +258,7 @@ class MLflowHook(BaseHook):
 
     @staticmethod
     def _mask(secret: str) -> None:
-        from airflow.sdk.execution_time.secrets_masker import mask_secret
+        from airflow.sdk.log import mask_secret
 
         mask_secret(secret)
 

@@ -1,0 +1,119 @@
+"""MLflowHook: connection parsing, errors and secret masking (no server needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from airflow_provider_mltrain.hooks.mlflow import MLflowConnectionError, MLflowHook, connection_json
+
+
+def test_missing_connection_names_the_id_and_the_fix():
+    with pytest.raises(
+        MLflowConnectionError, match=r"'no_such_conn' is not defined.*AIRFLOW_CONN_NO_SUCH_CONN"
+    ):
+        MLflowHook("no_such_conn").tracking_uri
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("", r"'bad' has no host: set it to the tracking URI"),
+        (
+            "ftp://mlflow:21",
+            r"host 'ftp://mlflow:21' has unsupported scheme 'ftp'; allowed: http, https, sqlite",
+        ),
+        ("http://mlflow:notaport", r"host 'http://mlflow:notaport' has a malformed port"),
+        ("http://", r"host 'http://' has no host name"),
+    ],
+)
+def test_malformed_uri_is_a_clear_error(airflow_conn, host, expected):
+    airflow_conn("bad", json.dumps({"conn_type": "mlflow", "host": host}))
+    with pytest.raises(MLflowConnectionError, match=expected):
+        MLflowHook("bad").tracking_uri
+
+
+def test_uri_form_connection(airflow_conn):
+    airflow_conn("uri_form", "mlflow://airflow:pw@mlflow.example.com:5000")
+    hook = MLflowHook("uri_form")
+    assert hook.tracking_uri == "http://mlflow.example.com:5000"
+    assert hook.ui_url == "http://mlflow.example.com:5000"
+    assert hook.host_creds().username == "airflow"
+
+
+def test_extras_map_onto_mlflow_host_creds(airflow_conn):
+    airflow_conn(
+        "extras",
+        connection_json(
+            "https://mlflow.example.com",
+            token="tok-123",
+            registry_uri="https://registry.example.com",
+            ca_bundle="/etc/ca.pem",
+            ui_url="https://ui.example.com/",
+        ),
+    )
+    hook = MLflowHook("extras")
+    creds = hook.host_creds()
+
+    assert (creds.host, creds.token, creds.server_cert_path) == (
+        "https://mlflow.example.com",
+        "tok-123",
+        "/etc/ca.pem",
+    )
+    assert creds.username is None and creds.ignore_tls_verification is False
+    assert hook.registry_uri == "https://registry.example.com"
+    assert hook.run_url("7", "abc") == "https://ui.example.com/#/experiments/7/runs/abc"
+    assert (
+        hook.model_version_url("digits clf", 3) == "https://ui.example.com/#/models/digits%20clf/versions/3"
+    )
+    assert hook.child_environment() == {
+        "MLFLOW_TRACKING_URI": "https://mlflow.example.com",
+        "MLFLOW_REGISTRY_URI": "https://registry.example.com",
+        "MLFLOW_TRACKING_TOKEN": "tok-123",
+        "MLFLOW_TRACKING_SERVER_CERT_PATH": "/etc/ca.pem",
+    }
+
+
+@pytest.mark.parametrize(
+    ("conn", "expected"),
+    [
+        (
+            connection_json("https://m", insecure=True, ca_bundle="/ca.pem"),
+            "'insecure' and 'ca_bundle' exclude",
+        ),
+        (connection_json("https://m", login="u", password="p", token="t"), "login/password or the 'token'"),
+        (
+            connection_json("https://m", registry_uri="gopher://r"),
+            "registry_uri 'gopher://r' has unsupported",
+        ),
+    ],
+)
+def test_conflicting_extras_are_rejected(airflow_conn, conn, expected):
+    airflow_conn("conflict", conn)
+    with pytest.raises(MLflowConnectionError, match=expected):
+        MLflowHook("conflict").tracking_uri
+
+
+def test_password_and_token_are_registered_with_the_secrets_masker(airflow_conn):
+    from airflow.sdk.log import mask_logs
+
+    airflow_conn("masked_pw", connection_json("https://m.example.com", login="u", password="pw-Secret-9137"))
+    airflow_conn("masked_tok", connection_json("https://m.example.com", token="tok-Secret-4412"))
+    MLflowHook("masked_pw").tracking_uri
+    MLflowHook("masked_tok").tracking_uri
+
+    # mask_logs is the structlog processor every task log line passes through (task process or supervisor).
+    event = mask_logs(
+        None,
+        "info",
+        {"event": "connecting with pw-Secret-9137 and tok-Secret-4412", "auth": "tok-Secret-4412"},
+    )
+    assert event == {"event": "connecting with *** and ***", "auth": "***"}
+
+
+def test_hook_repr_has_no_credentials(airflow_conn):
+    airflow_conn("repr", connection_json("https://m", login="u", password="hunter2"))
+    hook = MLflowHook("repr")
+    hook.tracking_uri
+    assert "hunter2" not in repr(hook)

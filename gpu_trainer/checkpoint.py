@@ -89,8 +89,9 @@ def load_latest(directory: str) -> tuple[str, dict[str, Any]] | None:
         try:
             state = _load(path)
         except Exception as err:  # truncated zip, bad pickle, permission: all mean "unusable"
-            errors.append(f"{os.path.basename(path)}: {type(err).__name__}: {err}")
-            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(err).__name__, err)
+            first = (str(err).strip().splitlines() or [""])[0]
+            errors.append(f"{os.path.basename(path)}: {type(err).__name__}: {first}")
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(err).__name__, first)
             continue
         return path, state
     if paths:

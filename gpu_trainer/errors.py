@@ -9,3 +9,8 @@ class TrainerError(Exception):
     ``main()`` prints it as one line (``gpu_trainer: error: ...``) and exits with status 2, so the
     Airflow task log shows the cause instead of a traceback.
     """
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (library messages, e.g. torch's, span several)."""
+    return " ".join(str(err).split())

@@ -18,7 +18,7 @@ import torch
 
 from gpu_trainer import contract, runtime
 from gpu_trainer.data import load_holdout
-from gpu_trainer.errors import TrainerError
+from gpu_trainer.errors import TrainerError, one_line
 from gpu_trainer.metrics import evaluate
 
 log = logging.getLogger("gpu_trainer")
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
         )
     except (TrainerError, contract.ContractError) as err:
-        print(f"gpu_trainer: error: {err}", file=sys.stderr)
+        print(f"gpu_trainer: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from gpu_trainer import checkpoint, contract, runtime
 from gpu_trainer.config import TrainConfig, resolve_config
 from gpu_trainer.data import Dataset, Split, epoch_indices, iterate_batches, load_dataset, pin
-from gpu_trainer.errors import TrainerError
+from gpu_trainer.errors import TrainerError, one_line
 from gpu_trainer.metrics import Evaluation, evaluate
 from gpu_trainer.models import build_model
 
@@ -368,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = resolve_config(sys.argv[1:] if argv is None else argv, os.environ)
         train(cfg)
     except (TrainerError, contract.ContractError) as err:
-        print(f"gpu_trainer: error: {err}", file=sys.stderr)
+        print(f"gpu_trainer: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

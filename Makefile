@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m airflow_provider_mltrain.demo
+	$(BIN)/python scripts/demo.py
 
 lint: install
 	$(BIN)/ruff check .

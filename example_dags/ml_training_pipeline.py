@@ -1,0 +1,242 @@
+"""
+### ML training pipeline: data arrives -> sweep -> pick best -> quality gate -> register -> notify
+
+The production pipeline of `airflow-provider-mltrain`, end to end:
+
+1. **wait_for_data** (`DatasetSensor`, deferrable): the day's Parquet files and their `_SUCCESS`
+   marker under `{{ params.data_root }}/<ds>/`. Waiting costs a triggerer slot, not a worker.
+2. **data_preparation**: *validate* (label column, no missing values, every class present) and
+   *preprocess* (scale features to [0, 1], stratified train/val split) into `<ds>/prepared/`.
+3. **hyperparameter_grid** -> **train** (`GPUTrainingPodOperator.partial().expand()`): one GPU pod
+   per combination, each an MLflow run; a retried pod resumes from its checkpoint.
+4. **pick_best**: the run with the best `val_accuracy`, with a comparison of all of them in the log.
+5. **quality_gate** (`ModelQualityBranchOperator`): absolute gates and a comparison with the model
+   that holds the `champion` alias; -> **register** (`MLflowRegisterOperator`, alias `champion`)
+   or **skip_registration**.
+6. **notify**: runs whichever branch was taken and reports the decision.
+
+The same file runs on Kubernetes and on a laptop. What differs is configuration, not code:
+the launcher (`AIRFLOW__MLTRAIN__LAUNCHER=local` runs trainers as local processes), the
+`mlflow_default` connection (a tracking server or a local SQLite store) and the `data_root` Param
+(`s3://...` or `file://...`). Kubernetes settings live in `KUBERNETES` below.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+from typing import Any
+
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG, Param, TaskGroup, get_current_context, task
+
+from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
+from airflow_provider_mltrain.operators.mlflow_register import MLflowRegisterOperator
+from airflow_provider_mltrain.operators.model_quality import ModelQualityBranchOperator
+from airflow_provider_mltrain.sensors.dataset import DatasetSensor
+
+log = logging.getLogger(__name__)
+
+# Everything the cluster needs to know, in one place. The local launcher ignores it (but still
+# builds and validates the pod spec, so a mistake here fails on a laptop too).
+KUBERNETES: dict[str, Any] = {
+    "namespace": "ml-training",
+    "image": "ghcr.io/acme/mltrain-trainer:0.1.0",
+    "gpus": 1,
+    "gpu_type": ["NVIDIA-A100-SXM4-80GB", "NVIDIA-H100-80GB-HBM3"],
+    "cpu": "8",
+    "memory": "32Gi",
+    "mlflow_secret": "mlflow-credentials",
+    "checkpoint_volume": {"claim_name": "training-checkpoints", "mount_path": "/checkpoints"},
+}
+
+MLFLOW_CONN_ID = "mlflow_default"
+AWS_CONN_ID = "aws_default"
+LABEL_COLUMN = "label"
+
+
+def _read_parquet(uri: str) -> Any:
+    """Read one Parquet object (``s3://`` needs ``s3fs`` on the worker; ``file://`` works as is)."""
+    import pandas as pd
+
+    return pd.read_parquet(uri.removeprefix("file://") if uri.startswith("file://") else uri)
+
+
+with DAG(
+    dag_id="ml_training_pipeline",
+    description="Daily digits classifier: wait for data, sweep on GPUs, gate on quality, register.",
+    doc_md=__doc__,
+    schedule="@daily",
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+    catchup=False,
+    max_active_runs=1,
+    tags=["ml", "training", "mlflow", "gpu"],
+    default_args={
+        "owner": "ml-platform",
+        "retries": 2,
+        "retry_delay": dt.timedelta(minutes=2),
+        "execution_timeout": dt.timedelta(hours=2),
+    },
+    params={
+        "data_root": Param("s3://ml-datasets/digits", type="string", description="where daily folders land"),
+        "model_name": Param("digits-classifier", type="string", description="registered model name"),
+        "experiment_name": Param("digits-daily", type="string"),
+        "epochs": Param(5, type="integer", minimum=1),
+        "learning_rates": Param([0.003, 0.001], type="array", description="swept"),
+        "hidden_dims": Param([128, 256], type="array", description="swept"),
+        "min_val_accuracy": Param(0.90, type="number", minimum=0, maximum=1),
+        "max_val_loss": Param(0.5, type="number", minimum=0),
+        "min_improvement": Param(0.0, type="number", description="over the champion's val_accuracy"),
+    },
+    render_template_as_native_obj=True,
+) as dag:
+    wait_for_data = DatasetSensor(
+        task_id="wait_for_data",
+        uri="{{ params.data_root }}/{{ ds }}/*.parquet",
+        success_marker="_SUCCESS",
+        min_objects=1,
+        aws_conn_id=AWS_CONN_ID,
+        poke_interval=60,
+        timeout=dt.timedelta(hours=12).total_seconds(),
+        retries=0,
+    )
+
+    with TaskGroup("data_preparation") as data_preparation:
+
+        @task
+        def validate(found: dict[str, Any]) -> list[str]:
+            """Check every file before paying for GPUs: label column, no missing values, all classes."""
+            uris = [obj["uri"] for obj in found["objects"]]
+            for uri in uris:
+                frame = _read_parquet(uri)
+                if LABEL_COLUMN not in frame.columns:
+                    raise ValueError(
+                        f"{uri}: no {LABEL_COLUMN!r} column (columns: {list(frame.columns)[:10]})"
+                    )
+                if frame.isna().any().any():
+                    raise ValueError(f"{uri}: {int(frame.isna().sum().sum())} missing values")
+                log.info("%s: %d rows, %d classes", uri, len(frame), frame[LABEL_COLUMN].nunique())
+            return uris
+
+        @task
+        def preprocess(uris: list[str]) -> str:
+            """Scale features to [0, 1] and split train/val (stratified) into ``<ds>/prepared/``."""
+            import pandas as pd
+            from sklearn.model_selection import train_test_split
+
+            frame = pd.concat([_read_parquet(uri) for uri in uris], ignore_index=True)
+            features = frame.drop(columns=[LABEL_COLUMN]).astype("float32")
+            span = (features.max() - features.min()).replace(0, 1)
+            frame = pd.concat([(features - features.min()) / span, frame[LABEL_COLUMN]], axis=1)
+            train, val = train_test_split(frame, test_size=0.2, random_state=0, stratify=frame[LABEL_COLUMN])
+            out = uris[0].rsplit("/", 1)[0] + "/prepared"
+            path = out.removeprefix("file://")
+            if "://" not in path:
+                import os
+
+                os.makedirs(path, exist_ok=True)
+            train.to_parquet(f"{path}/train.parquet", index=False)
+            val.to_parquet(f"{path}/val.parquet", index=False)
+            log.info("prepared %d train / %d val rows in %s", len(train), len(val), out)
+            return path
+
+        prepared = preprocess(validate(wait_for_data.output))
+
+    @task
+    def hyperparameter_grid() -> list[dict[str, Any]]:
+        """The sweep: every combination of the swept Params (one training pod each)."""
+        params = get_current_context()["params"]
+        return [
+            {"lr": lr, "hidden_dim": hidden, "epochs": params["epochs"], "model": "mlp", "seed": 42}
+            for lr, hidden in itertools.product(params["learning_rates"], params["hidden_dims"])
+        ]
+
+    train = GPUTrainingPodOperator.partial(
+        task_id="train",
+        **KUBERNETES,
+        mlflow_conn_id=MLFLOW_CONN_ID,
+        experiment_name="{{ params.experiment_name }}",
+        arguments=["--data", "{{ ti.xcom_pull(task_ids='data_preparation.preprocess') }}"],
+        max_active_tis_per_dag=4,
+    ).expand(hyperparameters=hyperparameter_grid())
+
+    @task(multiple_outputs=True)
+    def pick_best(results: list[dict[str, Any]]) -> dict[str, Any]:
+        """The run with the best val_accuracy (ties: lower val_loss); logs the whole leaderboard."""
+        ranked = sorted(results, key=lambda r: (-r["metrics"]["val_accuracy"], r["metrics"]["val_loss"]))
+        log.info("%-34s %-8s %-10s %12s %9s", "run_id", "lr", "hidden_dim", "val_accuracy", "val_loss")
+        for result in ranked:
+            p, m = result["params"], result["metrics"]
+            log.info(
+                "%-34s %-8s %-10s %12.4f %9.4f",
+                result["run_id"],
+                p.get("lr"),
+                p.get("hidden_dim"),
+                m["val_accuracy"],
+                m["val_loss"],
+            )
+        best = ranked[0]
+        return {
+            "run_id": best["run_id"],
+            "model_uri": best["model_uri"],
+            "metrics": best["metrics"],
+            "params": best["params"],
+            "leaderboard": [{"run_id": r["run_id"], **r["metrics"]} for r in ranked],
+        }
+
+    best = pick_best(train.output)
+
+    quality_gate = ModelQualityBranchOperator(
+        task_id="quality_gate",
+        metrics=best["metrics"],
+        thresholds={
+            "val_accuracy": {"min": "{{ params.min_val_accuracy }}"},
+            "val_loss": {"max": "{{ params.max_val_loss }}"},
+        },
+        champion_model="{{ params.model_name }}",
+        champion_alias="champion",
+        min_improvement={"val_accuracy": "{{ params.min_improvement }}"},
+        pass_task_ids="register",
+        fail_task_ids="skip_registration",
+        mlflow_conn_id=MLFLOW_CONN_ID,
+    )
+
+    register = MLflowRegisterOperator(
+        task_id="register",
+        model_name="{{ params.model_name }}",
+        run_id=best["run_id"],
+        model_uri=best["model_uri"],
+        aliases=["champion"],
+        tags={"airflow_dag_run": "{{ run_id }}"},
+        description="Best of the {{ ds }} sweep (ml_training_pipeline).",
+        mlflow_conn_id=MLFLOW_CONN_ID,
+    )
+    skip_registration = EmptyOperator(task_id="skip_registration")
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def notify(best: dict[str, Any]) -> dict[str, Any]:
+        """Report what happened, whichever branch ran (swap the log for Slack/e-mail in production)."""
+        ti = get_current_context()["ti"]
+        report = ti.xcom_pull(task_ids="quality_gate", key="quality_report")
+        registered = ti.xcom_pull(task_ids="register")
+        summary = {
+            "best_run_id": best["run_id"],
+            "best_params": best["params"],
+            "best_metrics": best["metrics"],
+            "registered": registered,
+            "quality_report": report,
+        }
+        if registered:
+            log.info(
+                "registered %s version %s as %s",
+                registered["name"],
+                registered["version"],
+                registered["aliases"],
+            )
+        else:
+            log.info("quality gate failed: nothing registered")
+        return summary
+
+    wait_for_data >> data_preparation
+    quality_gate >> [register, skip_registration] >> notify(best)

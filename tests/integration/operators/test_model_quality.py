@@ -1,0 +1,155 @@
+"""ModelQualityBranchOperator against a champion registered on a real ``mlflow server``."""
+
+from __future__ import annotations
+
+import pytest
+
+from airflow_provider_mltrain.hooks.mlflow import MLflowHook, connection_json
+from airflow_provider_mltrain.operators._quality_checks import MissingMetricError
+from airflow_provider_mltrain.operators.model_quality import ModelQualityBranchOperator
+from tests.integration.operators.mlflow_models import log_tiny_model, unique_name
+
+CHAMPION_METRICS = {"val_accuracy": 0.92, "val_loss": 0.25}
+
+
+@pytest.fixture(scope="module")
+def champion_model(mlflow_server) -> str:
+    """A registered model whose 'champion' alias holds a version from a run with val_accuracy 0.92."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW_CONN_MLFLOW_DEFAULT", connection_json(mlflow_server.uri))
+        result = log_tiny_model(mp, mlflow_server.uri, CHAMPION_METRICS)
+        hook = MLflowHook()
+        name = unique_name("gate-champion")
+        source = hook.resolve_model_source(run_id=result["run_id"], model_uri=result["model_uri"])
+        version, _ = hook.register_model_version(name, source, await_ready_timeout=30)
+        hook.move_alias(name, "champion", version.version)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_conn(mlflow_server, airflow_conn):
+    airflow_conn("mlflow_default", connection_json(mlflow_server.uri))
+
+
+def gate(**kwargs) -> ModelQualityBranchOperator:
+    kwargs.setdefault("pass_task_ids", "register")
+    kwargs.setdefault("fail_task_ids", ["notify", "cleanup"])
+    return ModelQualityBranchOperator(task_id="gate", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("candidate_accuracy", "branch", "verdict"),
+    [(0.93, ["register"], "PASS"), (0.921, ["notify", "cleanup"], "FAIL")],
+)
+def test_candidate_must_beat_the_champion_by_min_improvement(
+    champion_model, candidate_accuracy, branch, verdict
+):
+    op = gate(
+        metrics={"val_accuracy": candidate_accuracy, "val_loss": 0.2},
+        champion_model=champion_model,
+        min_improvement={"val_accuracy": 0.005},
+    )
+
+    report = op.evaluate()
+
+    assert report["branch"] == branch
+    assert report["champion"]["version"] == "1" and report["champion"]["metrics"] == CHAMPION_METRICS
+    (check,) = report["checks"]
+    assert check["check"] == "vs_champion" and check["metric"] == "val_accuracy"
+    assert check["value"] == candidate_accuracy and check["champion_value"] == 0.92
+    assert check["required"] == 0.005 and check["verdict"] == verdict
+    assert check["improvement"] == pytest.approx(candidate_accuracy - 0.92)
+    assert "val_accuracy" in report["table"] and verdict in report["table"]
+
+
+@pytest.mark.parametrize(
+    ("on_no_champion", "branch"), [("pass", ["register"]), ("fail", ["notify", "cleanup"])]
+)
+def test_no_champion_follows_on_no_champion(on_no_champion, branch):
+    op = gate(
+        metrics={"val_accuracy": 0.5},
+        champion_model=unique_name("never-registered"),
+        min_improvement={"val_accuracy": 0.005},
+        on_no_champion=on_no_champion,
+    )
+
+    report = op.evaluate()
+
+    assert report["branch"] == branch
+    assert report["champion"] is None
+    assert [c["check"] for c in report["checks"]] == ["champion"]
+
+
+def test_loss_gate_exceeded_fails_even_when_the_champion_is_beaten(champion_model):
+    op = gate(
+        metrics={"val_accuracy": 0.99, "val_loss": 0.35},
+        thresholds={"val_accuracy": {"min": 0.9}, "val_loss": {"max": 0.3}},
+        champion_model=champion_model,
+        min_improvement={"val_accuracy": 0.005},
+    )
+
+    report = op.evaluate()
+
+    assert report["passed"] is False and report["branch"] == ["notify", "cleanup"]
+    verdicts = {(c["metric"], c["check"]): c["verdict"] for c in report["checks"]}
+    assert verdicts == {
+        ("val_accuracy", "min"): "PASS",
+        ("val_loss", "max"): "FAIL",
+        ("val_accuracy", "vs_champion"): "PASS",
+    }
+
+
+def test_lower_is_better_loss_compared_relatively(champion_model):
+    # Champion val_loss 0.25; 0.2 is 20 % lower, 0.24 only 4 %.
+    def report_for(loss: float) -> dict:
+        return gate(
+            metrics={"val_loss": loss},
+            champion_model=champion_model,
+            min_improvement={"val_loss": 0.1},
+            relative_improvement=True,
+        ).evaluate()
+
+    assert report_for(0.2)["passed"] is True
+    assert report_for(0.2)["checks"][0]["improvement"] == pytest.approx(0.2)
+    assert report_for(0.24)["passed"] is False
+
+
+def test_missing_metric_is_a_clear_error_or_the_fail_branch(champion_model):
+    kwargs = {
+        "metrics": {"val_loss": 0.1, "train_loss": 0.05},
+        "thresholds": {"val_f1": {"min": 0.8}},
+        "champion_model": champion_model,
+    }
+
+    with pytest.raises(MissingMetricError) as err:
+        gate(**kwargs).evaluate()
+    assert "metric 'val_f1' is missing from the candidate's metrics" in str(err.value)
+    assert "['train_loss', 'val_loss']" in str(err.value)
+
+    report = gate(on_missing_metric="fail_branch", **kwargs).evaluate()
+    assert report["branch"] == ["notify", "cleanup"]
+    assert report["checks"][0]["check"] == "missing" and report["checks"][0]["verdict"] == "FAIL"
+
+
+def test_metric_the_champion_lacks_names_the_champion(champion_model):
+    op = gate(metrics={"val_f1": 0.9}, champion_model=champion_model, min_improvement={"val_f1": 0.0})
+
+    with pytest.raises(
+        MissingMetricError, match=r"'val_f1' is missing from the metrics of champion version 1"
+    ):
+        op.evaluate()
+
+
+def test_candidate_metrics_read_from_its_mlflow_run(champion_model, mlflow_server, monkeypatch):
+    candidate = log_tiny_model(monkeypatch, mlflow_server.uri, {"val_accuracy": 0.95, "val_loss": 0.1})
+    op = gate(
+        run_id=candidate["run_id"], champion_model=champion_model, min_improvement={"val_accuracy": 0.01}
+    )
+
+    report = op.evaluate()
+
+    assert report["passed"] is True
+    assert report["candidate"] == {
+        "run_id": candidate["run_id"],
+        "metrics": {"val_accuracy": 0.95, "val_loss": 0.1},
+    }

@@ -15,6 +15,7 @@ import asyncio
 import os
 import random
 import re
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -337,6 +338,23 @@ def evaluate(location: DatasetLocation, objects: list[ObjectInfo], criteria: Cri
     }
 
 
+#: Listings in flight at once per event loop, across all DatasetTriggers. Building and signing a request
+#: is ~1 ms of synchronous CPU; a thousand triggers waking together (after a triggerer restart they all
+#: start at once) would otherwise do it all in one loop iteration and stall the loop for seconds.
+MAX_CONCURRENT_LISTINGS = 16
+_LIMITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _listing_limiter() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    limiter = _LIMITERS.get(loop)
+    if limiter is None:
+        limiter = _LIMITERS[loop] = asyncio.Semaphore(MAX_CONCURRENT_LISTINGS)
+    return limiter
+
+
 class DatasetTrigger(BaseTrigger):
     """Fires once the dataset at ``uri`` is complete, the deadline passes, or an error is permanent.
 
@@ -431,7 +449,9 @@ class DatasetTrigger(BaseTrigger):
         summary: dict[str, Any] | None = None
         while True:
             try:
-                summary = evaluate(self.location, await lister(), self.criteria)
+                async with _listing_limiter():
+                    objects = await lister()
+                summary = evaluate(self.location, objects, self.criteria)
                 failures = 0
             except DatasetError as e:
                 return self._error(str(e), e)

@@ -59,7 +59,11 @@ def _build_client_blocking(aws_conn_id: str | None, region_name: str | None, ver
     coro = getattr(creator, "_coro", None)
     if coro is None:  # an aiobotocore without the private attribute: open it on the caller's loop
         return creator
-    return asyncio.run(coro)
+    client = asyncio.run(coro)
+    # The paginator model is another JSON file parsed on first use; the client caches it, so load it
+    # here rather than in the first poll on the triggerer's loop.
+    client.get_paginator("list_objects_v2")
+    return client
 
 
 async def _open_client(aws_conn_id: str | None, region_name: str | None, verify: bool | str | None):

@@ -40,10 +40,32 @@ def _check_metric_name(name: Any, param: str) -> str:
     return name
 
 
-def validate_thresholds(thresholds: Any) -> dict[str, dict[str, float]]:
+def _is_template(value: Any) -> bool:
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
+def _number(value: Any, where: str, *, allow_templates: bool) -> float | str:
+    """A finite float; a numeric string (what a rendered template gives) is converted.
+
+    With ``allow_templates`` a Jinja string is returned as is, to be checked after rendering.
+    """
+    if allow_templates and _is_template(value):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{where} must be a finite number, got {value!r}") from None
+    if not is_number(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def validate_thresholds(thresholds: Any, *, allow_templates: bool = False) -> dict[str, dict[str, Any]]:
     """Check ``{"val_accuracy": {"min": 0.9}, "val_loss": {"max": 0.3}}`` and return it normalized.
 
     :param thresholds: metric -> ``{"min": x, "max": y}`` (either or both).
+    :param allow_templates: keep Jinja strings as bounds (DAG parse time); they are checked after rendering.
     :raises ValueError: naming the metric, the value and what is allowed.
     """
     if thresholds is None:
@@ -52,7 +74,7 @@ def validate_thresholds(thresholds: Any) -> dict[str, dict[str, float]]:
         raise ValueError(
             f"thresholds must be a dict of metric -> {{'min': x, 'max': y}}, got {type(thresholds).__name__}"
         )
-    result: dict[str, dict[str, float]] = {}
+    result: dict[str, dict[str, Any]] = {}
     for metric, gate in thresholds.items():
         _check_metric_name(metric, "thresholds")
         if not isinstance(gate, Mapping) or not gate:
@@ -62,24 +84,26 @@ def validate_thresholds(thresholds: Any) -> dict[str, dict[str, float]]:
         unknown = sorted(str(key) for key in gate if key not in GATE_KEYS)
         if unknown:
             raise ValueError(f"thresholds[{metric!r}] has unknown keys {unknown}; allowed: {list(GATE_KEYS)}")
-        for key, bound in gate.items():
-            if not is_number(bound):
-                raise ValueError(f"thresholds[{metric!r}][{key!r}] must be a finite number, got {bound!r}")
-        if "min" in gate and "max" in gate and gate["min"] > gate["max"]:
+        bounds = {
+            key: _number(bound, f"thresholds[{metric!r}][{key!r}]", allow_templates=allow_templates)
+            for key, bound in gate.items()
+        }
+        low, high = bounds.get("min"), bounds.get("max")
+        if isinstance(low, float) and isinstance(high, float) and low > high:
             raise ValueError(
-                f"thresholds[{metric!r}]: min {gate['min']!r} is greater than max {gate['max']!r}; "
-                "no value could pass"
+                f"thresholds[{metric!r}]: min {low!r} is greater than max {high!r}; no value could pass"
             )
-        result[metric] = {key: float(bound) for key, bound in gate.items()}
+        result[metric] = bounds
     return result
 
 
-def validate_min_improvement(min_improvement: Any) -> dict[str, float]:
+def validate_min_improvement(min_improvement: Any, *, allow_templates: bool = False) -> dict[str, Any]:
     """Check ``{"val_accuracy": 0.005}``: metric -> required improvement over the champion.
 
     A negative value tolerates a regression of at most that much.
 
     :param min_improvement: metric -> number.
+    :param allow_templates: keep Jinja strings (DAG parse time); they are checked after rendering.
     :raises ValueError: naming the metric and the value.
     """
     if min_improvement is None:
@@ -88,11 +112,11 @@ def validate_min_improvement(min_improvement: Any) -> dict[str, float]:
         raise ValueError(
             f"min_improvement must be a dict of metric -> number, got {type(min_improvement).__name__}"
         )
+    result: dict[str, Any] = {}
     for metric, value in min_improvement.items():
         _check_metric_name(metric, "min_improvement")
-        if not is_number(value):
-            raise ValueError(f"min_improvement[{metric!r}] must be a finite number, got {value!r}")
-    return {metric: float(value) for metric, value in min_improvement.items()}
+        result[metric] = _number(value, f"min_improvement[{metric!r}]", allow_templates=allow_templates)
+    return result
 
 
 def validate_higher_is_better(higher_is_better: Any) -> dict[str, bool]:

@@ -51,12 +51,14 @@ class ModelQualityBranchOperator(BaseBranchOperator):
     :param metrics: the candidate's metrics, a dict of name -> number (templated; an XComArg such as
         ``train.output["metrics"]``, a dict, or its JSON / Python-literal string). Exclusive with ``run_id``.
     :param run_id: read the candidate's metrics from this MLflow run instead (templated).
-    :param thresholds: absolute gates, ``{"val_accuracy": {"min": 0.9}, "val_loss": {"max": 0.3}}``.
+    :param thresholds: absolute gates, ``{"val_accuracy": {"min": 0.9}, "val_loss": {"max": 0.3}}``
+        (templated: a bound may be a Jinja string such as ``"{{ params.min_val_accuracy }}"``).
     :param champion_model: registered model whose alias holder is the champion to beat (templated).
     :param champion_alias: the alias naming the champion (templated).
     :param min_improvement: metric -> how much better than the champion the candidate must be (absolute,
         or a fraction of the champion's value with ``relative_improvement``; negative tolerates a
-        regression). When empty with ``champion_model`` set, the ``thresholds`` metrics must not be worse.
+        regression). When empty with ``champion_model`` set, the ``thresholds`` metrics must not be worse
+        (templated, like ``thresholds``).
     :param relative_improvement: read ``min_improvement`` as fractions of the champion's value.
     :param higher_is_better: metric -> direction; by default a name containing ``loss`` or ``error`` is
         lower-is-better and any other higher-is-better.
@@ -67,7 +69,14 @@ class ModelQualityBranchOperator(BaseBranchOperator):
     :param mlflow_conn_id: the MLflow connection (used for ``run_id`` and ``champion_model``).
     """
 
-    template_fields: Sequence[str] = ("metrics", "run_id", "champion_model", "champion_alias")
+    template_fields: Sequence[str] = (
+        "metrics",
+        "run_id",
+        "thresholds",
+        "champion_model",
+        "champion_alias",
+        "min_improvement",
+    )
     ui_color = "#fdf1d6"
 
     def __init__(
@@ -111,8 +120,8 @@ class ModelQualityBranchOperator(BaseBranchOperator):
             raise ValueError(f"run_id must be a non-empty MLflow run id, got {run_id!r}")
         self.metrics = metrics
         self.run_id = run_id
-        self.thresholds = validate_thresholds(thresholds)
-        self.min_improvement = validate_min_improvement(min_improvement)
+        self.thresholds = validate_thresholds(thresholds, allow_templates=True)
+        self.min_improvement = validate_min_improvement(min_improvement, allow_templates=True)
         self.higher_is_better = validate_higher_is_better(higher_is_better)
         if champion_model is not None and not is_template(champion_model):
             validate_model_name(champion_model, "champion_model")
@@ -177,10 +186,10 @@ class ModelQualityBranchOperator(BaseBranchOperator):
                 self.log.info("No version of model %r holds alias %r: there is no champion yet", name, alias)
         checks: list[Check] = evaluate(
             candidate,
-            thresholds=self.thresholds,
+            thresholds=validate_thresholds(self.thresholds),
             champion=champion,
             compare_with_champion=self.champion_model is not None,
-            min_improvement=self.min_improvement,
+            min_improvement=validate_min_improvement(self.min_improvement),
             relative_improvement=self.relative_improvement,
             higher_is_better=self.higher_is_better,
             on_no_champion=self.on_no_champion,

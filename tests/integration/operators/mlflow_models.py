@@ -72,4 +72,4 @@ def task_states(dag_run: Any) -> dict[str, str | None]:
                 TaskInstance.dag_id == dag_run.dag_id, TaskInstance.run_id == dag_run.run_id
             )
         ).all()
-        return {ti.task_id: (str(ti.state.value) if ti.state is not None else None) for ti in tis}
+        return {ti.task_id: getattr(ti.state, "value", ti.state) for ti in tis}

@@ -202,19 +202,30 @@ def add_required_node_affinity(
     return affinity
 
 
+#: The trainer image's user (gpu_trainer/Dockerfile: USER 1000:1000).
+TRAINER_UID = 1000
+
+
 def restricted_pod_security_context() -> k8s.V1PodSecurityContext:
-    """Pod Security Standards "restricted": non-root and the runtime's default seccomp profile."""
+    """Pod Security Standards "restricted": non-root and the runtime's default seccomp profile.
+
+    One uid for every container: the xcom sidecar (alpine, root by default) must read the result file the
+    trainer wrote with mode 0600. fsGroup makes a checkpoint PVC writable for that user.
+    """
     return k8s.V1PodSecurityContext(
-        run_as_non_root=True, seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")
+        run_as_non_root=True,
+        run_as_user=TRAINER_UID,
+        run_as_group=TRAINER_UID,
+        fs_group=TRAINER_UID,
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
     )
 
 
-def restricted_container_security_context(run_as_user: int | None = None) -> k8s.V1SecurityContext:
+def restricted_container_security_context() -> k8s.V1SecurityContext:
     return k8s.V1SecurityContext(
         allow_privilege_escalation=False,
         capabilities=k8s.V1Capabilities(drop=["ALL"]),
         run_as_non_root=True,
-        run_as_user=run_as_user,
         seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
     )
 

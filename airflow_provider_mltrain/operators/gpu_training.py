@@ -92,8 +92,8 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
     :param gpu_resource: the extended resource name, e.g. ``nvidia.com/gpu`` or ``amd.com/gpu``.
     :param gpu_type: accepted GPU product(s), as values of ``gpu_type_label``; becomes required node affinity.
     :param gpu_type_label: the node label holding the GPU product (NVIDIA GPU Feature Discovery's by default).
-    :param cpu: CPU request and limit, a Kubernetes quantity such as ``"8"`` or ``"500m"``.
-    :param memory: memory request and limit, a Kubernetes quantity such as ``"32Gi"``.
+    :param cpu: CPU request and limit, a Kubernetes quantity such as ``"8"`` or ``"500m"`` (templated).
+    :param memory: memory request and limit, a Kubernetes quantity such as ``"32Gi"`` (templated).
     :param shm_size: size of the memory-backed ``/dev/shm``: a quantity, ``True`` (no explicit size),
         ``False`` (none) or None (on when ``gpus > 0``; PyTorch DataLoader workers die with "Bus error"
         without it). It counts against the container's memory limit.
@@ -126,6 +126,8 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 "experiment_name",
                 "checkpoint_uri",
                 "mlflow_secret",
+                "cpu",
+                "memory",
             )
         )
     )
@@ -384,13 +386,8 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         if not pod_spec.security_context:
             pod_spec.security_context = spec.restricted_pod_security_context()
         for c in pod_spec.containers:
-            if c.security_context:
-                continue
-            if c is container:
+            if not c.security_context:
                 c.security_context = spec.restricted_container_security_context()
-            else:
-                # The xcom sidecar's image (alpine) runs as root unless told otherwise.
-                c.security_context = spec.restricted_container_security_context(run_as_user=65534)
         return pod
 
     def _base_container(self, pod: k8s.V1Pod) -> k8s.V1Container:

@@ -89,6 +89,10 @@ def test_cpu_only_pod_is_valid_and_restricted(k8s_hook):
     # Pod Security Standards "restricted".
     assert pod["spec"]["securityContext"] == {
         "runAsNonRoot": True,
+        # The trainer image's user, shared with the xcom sidecar so it can read the 0600 result file.
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     for container in pod["spec"]["containers"]:
@@ -340,3 +344,12 @@ def test_schema_validation_catches_a_broken_pod(k8s_hook):
     base(pod)["securityContext"]["runAsNonRoot"] = "yes"
     with pytest.raises(kubernetes_validate.ValidationError):
         assert_valid(pod)
+
+
+def test_templated_resources_render_and_are_validated(k8s_hook):
+    op = op_(gpus=1, cpu="{{ params.cpu }}", memory="{{ params.mem }}")
+    op.cpu, op.memory = "4", "8Gi"  # what rendering produced
+    assert base(build(op))["resources"]["limits"] == {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"}
+    op.memory = "8 gigs"
+    with pytest.raises(ValueError, match=r"memory='8 gigs'"):
+        build(op)

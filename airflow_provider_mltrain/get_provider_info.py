@@ -75,6 +75,13 @@ def get_provider_info() -> dict[str, Any]:
                 "integration-name": "Kubernetes GPU training",
                 "python-modules": ["airflow_provider_mltrain.operators.gpu_training"],
             },
+            {
+                "integration-name": "MLflow",
+                "python-modules": [
+                    "airflow_provider_mltrain.operators.mlflow_register",
+                    "airflow_provider_mltrain.operators.model_quality",
+                ],
+            },
         ],
         "sensors": [
             {
@@ -90,6 +97,7 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "extra-links": [
             "airflow_provider_mltrain.links.mlflow.MLflowRunLink",
+            "airflow_provider_mltrain.links.mlflow.MLflowModelVersionLink",
         ],
         "config": {
             "mltrain": {

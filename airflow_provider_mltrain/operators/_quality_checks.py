@@ -240,7 +240,13 @@ class Check:
         return "PASS" if self.passed else "FAIL"
 
     def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "verdict": self.verdict}
+        """JSON-safe: a relative improvement over a champion value of 0 is infinite, which strict JSON
+        (and Postgres' JSON columns behind XCom) rejects, so non-finite numbers become strings."""
+        plain = {
+            key: (str(value) if isinstance(value, float) and not math.isfinite(value) else value)
+            for key, value in dataclasses.asdict(self).items()
+        }
+        return {**plain, "verdict": self.verdict}
 
 
 def _fmt(value: float | None) -> str:

@@ -200,3 +200,34 @@ def test_unreachable_server_fails_the_task_with_a_clear_error(airflow_db, airflo
     assert f"server {down} is unreachable" in text
     with pytest.raises(MLflowConnectionError, match="unreachable"):
         MLflowHook("mlflow_down").ping(timeout=1, retries=0)
+
+
+def test_registration_with_basic_auth_uses_the_connection_credentials_only(
+    mlflow_auth_server, airflow_conn, monkeypatch
+):
+    users = mlflow_auth_server.users
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", users["alice"])
+    result = log_tiny_model(
+        monkeypatch, mlflow_auth_server.uri, {"val_accuracy": 0.9}, experiment="alice-exp"
+    )
+    # From here on only the Airflow connection carries credentials.
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    airflow_conn(
+        "mlflow_alice", connection_json(mlflow_auth_server.uri, login="alice", password=users["alice"])
+    )
+    hook = MLflowHook("mlflow_alice")
+    name = unique_name("auth")
+
+    source = hook.resolve_model_source(run_id=result["run_id"], model_uri=None)  # lists artifacts over REST
+    version, created = hook.register_model_version(name, source, await_ready_timeout=30)
+    previous = hook.move_alias(name, "champion", version.version)
+
+    assert (version.version, created, previous) == ("1", True, None)
+    assert source.source == result["model_uri"]
+    assert hook.get_champion(name)["metrics"] == {"val_accuracy": 0.9}
+    with pytest.raises(
+        MLflowRegistryError, match=r"its artifacts are \(none\) and its logged models are \['model'\]"
+    ):
+        hook.resolve_model_source(run_id=result["run_id"], model_uri=None, artifact_path="weights")

@@ -186,3 +186,14 @@ def test_report_table_lists_every_check_with_its_verdict():
     assert lines[2].split() == ["val_loss", "max", "0.2", "0.3", "-", "PASS"]
     assert lines[3].split() == ["val_accuracy", "vs_champion", "0.921", "0.92", "0.005", "FAIL"]
     assert "champion version 3 (run r3)" in table
+
+
+def test_report_is_strict_json_even_with_an_infinite_relative_improvement():
+    import json
+
+    champion = {"version": "1", "run_id": "r", "metrics": {"val_f1": 0.0}}
+    (check,) = gate(
+        {"val_f1": 0.5}, champion=champion, min_improvement={"val_f1": 0.1}, relative_improvement=True
+    )
+    assert check.passed is True
+    assert json.loads(json.dumps(check.as_dict(), allow_nan=False))["improvement"] == "inf"

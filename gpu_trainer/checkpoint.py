@@ -7,6 +7,7 @@ MLflow run id. It holds only tensors and plain Python values so it loads with ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -62,10 +63,8 @@ def save_checkpoint(directory: str, state: Mapping[str, Any], *, global_step: in
             os.unlink(tmp)
         raise
     for stale in list_checkpoints(directory)[keep:]:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(stale)
-        except FileNotFoundError:
-            pass
     return final
 
 
@@ -91,7 +90,12 @@ def load_latest(directory: str) -> tuple[str, dict[str, Any]] | None:
         except Exception as err:  # truncated zip, bad pickle, permission: all mean "unusable"
             first = (str(err).strip().splitlines() or [""])[0]
             errors.append(f"{os.path.basename(path)}: {type(err).__name__}: {first}")
-            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(err).__name__, first)
+            log.warning(
+                "checkpoint %s is unreadable (%s: %s); trying the previous one",
+                path,
+                type(err).__name__,
+                first,
+            )
             continue
         return path, state
     if paths:
@@ -114,7 +118,11 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], *, pa
     :raises TrainerError: listing every differing field.
     """
     keys = [*MATH_FIELDS, "data_signature"]
-    diffs = [f"{key}: checkpoint={saved.get(key)!r} now={current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
+    diffs = [
+        f"{key}: checkpoint={saved.get(key)!r} now={current.get(key)!r}"
+        for key in keys
+        if saved.get(key) != current.get(key)
+    ]
     if diffs:
         raise TrainerError(
             f"checkpoint {path} was written by a different configuration ({'; '.join(diffs)}); "

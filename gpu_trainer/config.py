@@ -123,7 +123,9 @@ def _positive_int(name: str, *, minimum: int = 1) -> Callable[[Any], int]:
     return convert
 
 
-def _float(name: str, *, low: float, high: float | None = None, low_open: bool = False) -> Callable[[Any], float]:
+def _float(
+    name: str, *, low: float, high: float | None = None, low_open: bool = False
+) -> Callable[[Any], float]:
     def convert(value: Any) -> float:
         try:
             number = float(value)
@@ -240,7 +242,9 @@ def build_parser(prog: str = "python -m gpu_trainer.train") -> argparse.Argument
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.name == "compile":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[field.name])
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[field.name]
+            )
         else:
             parser.add_argument(flag, dest=field.name, default=None, help=HELP[field.name])
     return parser
@@ -279,5 +283,7 @@ def resolve_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Tr
         except ValueError as err:
             raise TrainerError(f"{source}: {err}") from err
     if "data" not in values:
-        raise TrainerError(f"--data is required (a Parquet file or directory), or 'data' in {contract.ENV_HYPERPARAMETERS}")
+        raise TrainerError(
+            f"--data is required (a Parquet file or directory), or 'data' in {contract.ENV_HYPERPARAMETERS}"
+        )
     return TrainConfig(**values)

@@ -72,7 +72,9 @@ def _filesystem(uri: str) -> tuple[Any, str]:
 
 def _parquet_files(fs: Any, path: str) -> list[str]:
     return sorted(
-        item for item in fs.find(path) if item.endswith(".parquet") and not posixpath.basename(item).startswith(".")
+        item
+        for item in fs.find(path)
+        if item.endswith(".parquet") and not posixpath.basename(item).startswith(".")
     )
 
 
@@ -161,9 +163,7 @@ def _columns(frame: pd.DataFrame, label_column: str, feature_columns: Sequence[s
             raise TrainerError(f"{where}: feature column(s) {missing} not found (--feature-columns)")
         return list(feature_columns)
     numeric = [
-        str(name)
-        for name, dtype in frame.dtypes.items()
-        if name != label_column and (dtype.kind in "biuf")
+        str(name) for name, dtype in frame.dtypes.items() if name != label_column and (dtype.kind in "biuf")
     ]
     if not numeric:
         raise TrainerError(f"{where}: no numeric feature columns besides the label {label_column!r}")
@@ -200,7 +200,9 @@ def load_dataset(
         n = len(everything)
         n_val = max(1, round(n * val_fraction))
         if n - n_val < 1:
-            raise TrainerError(f"--data {uri!r} has {n} row(s): too few to hold out val_fraction={val_fraction}")
+            raise TrainerError(
+                f"--data {uri!r} has {n} row(s): too few to hold out val_fraction={val_fraction}"
+            )
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         val_idx, train_idx = order[:n_val], order[n_val:]
         train = Split(everything.features[train_idx], everything.labels[train_idx])
@@ -211,7 +213,9 @@ def load_dataset(
     return Dataset(train, val, columns, num_classes, separate_val=bool(val_files))
 
 
-def load_holdout(uri: str, *, label_column: str = "label", feature_columns: Sequence[str] = ()) -> tuple[Split, list[str]]:
+def load_holdout(
+    uri: str, *, label_column: str = "label", feature_columns: Sequence[str] = ()
+) -> tuple[Split, list[str]]:
     """Read a holdout set: every row of ``uri``, or only its validation files when it has a split.
 
     :param uri: a Parquet file or directory, local or an fsspec URI.
@@ -230,7 +234,9 @@ def pin(split: Split) -> Split:
     return Split(split.features.pin_memory(), split.labels.pin_memory())
 
 
-def epoch_indices(n: int, *, epoch: int, seed: int, rank: int, world_size: int, shuffle: bool) -> torch.Tensor:
+def epoch_indices(
+    n: int, *, epoch: int, seed: int, rank: int, world_size: int, shuffle: bool
+) -> torch.Tensor:
     """This rank's sample order for one epoch, exactly as ``DistributedSampler`` would give it.
 
     Derived from (seed, epoch) alone, so a resumed run replays the same order as an uninterrupted one.
@@ -244,7 +250,14 @@ def epoch_indices(n: int, *, epoch: int, seed: int, rank: int, world_size: int, 
     """
     from torch.utils.data.distributed import DistributedSampler
 
-    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    # DistributedSampler only needs len(); a range stands in for the dataset.
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(n),  # type: ignore[arg-type]
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=shuffle,
+        seed=seed,
+    )
     sampler.set_epoch(epoch)
     return torch.tensor(list(iter(sampler)), dtype=torch.long)
 

@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 
 
-def write_digits(output: str, *, val_fraction: float = 0.2, seed: int = 0, single_file: bool = False) -> list[str]:
+def write_digits(
+    output: str, *, val_fraction: float = 0.2, seed: int = 0, single_file: bool = False
+) -> list[str]:
     """Write the digits dataset as Parquet; returns the written paths.
 
     :param output: a directory (created if needed).
@@ -27,7 +29,9 @@ def write_digits(output: str, *, val_fraction: float = 0.2, seed: int = 0, singl
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     bunch = load_digits()
-    frame = pd.DataFrame(bunch.data.astype("float32"), columns=[f"px_{i}" for i in range(bunch.data.shape[1])])
+    frame = pd.DataFrame(
+        bunch.data.astype("float32"), columns=[f"px_{i}" for i in range(bunch.data.shape[1])]
+    )
     frame["label"] = bunch.target.astype("int64")
     os.makedirs(output, exist_ok=True)
     if single_file:
@@ -52,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="split seed; default: 0")
     parser.add_argument("--single-file", action="store_true", help="write one digits.parquet (no val split)")
     args = parser.parse_args(argv)
-    for path in write_digits(args.output, val_fraction=args.val_fraction, seed=args.seed, single_file=args.single_file):
+    for path in write_digits(
+        args.output, val_fraction=args.val_fraction, seed=args.seed, single_file=args.single_file
+    ):
         print(path)
     return 0
 

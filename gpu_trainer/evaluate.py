@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -33,12 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     parser = _Parser(prog="python -m gpu_trainer.evaluate", description="Score a logged model on a holdout.")
     parser.add_argument("--model-uri", required=True, help="runs:/<run_id>/model or models:/... URI")
-    parser.add_argument("--data", required=True, help="holdout Parquet file or directory (local or fsspec URI)")
+    parser.add_argument(
+        "--data", required=True, help="holdout Parquet file or directory (local or fsspec URI)"
+    )
     parser.add_argument("--output", default=None, help=f"result path; default: ${contract.ENV_RESULT_PATH}")
     parser.add_argument("--label-column", default="label", help="label column; default: label")
     parser.add_argument("--feature-columns", default="", help="comma-separated feature columns; default: all")
     parser.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size; default: 1024")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device; default: auto")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="device; default: auto"
+    )
     return parser
 
 
@@ -75,12 +80,13 @@ def evaluate_model(
         info = get_model_info(model_uri)
         model = mlflow.pytorch.load_model(model_uri)
     except Exception as err:  # MLflow raises many types for "not found" / "not a pytorch model"
-        raise TrainerError(f"--model-uri {model_uri!r} cannot be loaded: {type(err).__name__}: {err}") from err
+        raise TrainerError(
+            f"--model-uri {model_uri!r} cannot be loaded: {type(err).__name__}: {err}"
+        ) from err
     model.to(target)
-    try:
+    # A torch.export (pt2) program refuses eval(): it is frozen in the eval mode it was exported in.
+    with contextlib.suppress(NotImplementedError):
         model.eval()
-    except NotImplementedError:
-        pass  # a torch.export (pt2) program: frozen in the eval mode it was exported in
     with torch.no_grad():
         width = int(model(split.features[:1].to(target)).shape[1])
     num_classes = max(width, int(split.labels.max().item()) + 1)

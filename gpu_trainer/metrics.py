@@ -67,7 +67,9 @@ def evaluate(
     for start in range(0, len(split), batch_size):
         x = split.features[start : start + batch_size].to(device, non_blocking=True)
         y = split.labels[start : start + batch_size].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
             logits = model(x)
         logits = logits.float()
         if logits.shape[1] < num_classes:

@@ -19,6 +19,9 @@ class Standardize(nn.Module):
     :param num_features: input width.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(num_features))
@@ -97,7 +100,10 @@ class CNN(nn.Module):
             nn.AdaptiveAvgPool2d(4),
         )
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * 16, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, num_classes)
+            nn.Flatten(),
+            nn.Linear(64 * 16, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG state as tensors and plain values (loadable with ``weights_only=True``)."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {

@@ -55,7 +55,9 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params once; a resumed run keeps those it has (MLflow params are immutable) and adds new ones."""
         existing = self._mlflow.get_run(self.run_id).data.params if self.resumed else {}
-        fresh = {key: ("" if value is None else value) for key, value in params.items() if key not in existing}
+        fresh = {
+            key: ("" if value is None else value) for key, value in params.items() if key not in existing
+        }
         changed = {
             key: value for key, value in params.items() if key in existing and str(value) != existing[key]
         }

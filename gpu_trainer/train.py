@@ -47,12 +47,12 @@ class TrainOutcome:
 
 
 def _make_optimizer(cfg: TrainConfig, params: Any, device: torch.device) -> torch.optim.Optimizer:
-    # Fused kernels update all parameters in one launch on CUDA; CPU has no fused path for these.
-    fused = {"fused": True} if device.type == "cuda" else {}
+    # Fused kernels update all parameters in one launch on CUDA; CPU keeps the default (foreach) path.
+    fused = True if device.type == "cuda" else None
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
@@ -98,7 +98,9 @@ def train(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> TrainOu
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, env: Mapping[str, str], info: runtime.DistInfo, device: torch.device) -> TrainOutcome:
+def _train(
+    cfg: TrainConfig, env: Mapping[str, str], info: runtime.DistInfo, device: torch.device
+) -> TrainOutcome:
     lineage = contract.parse_lineage(env.get(contract.ENV_LINEAGE))
     precision = runtime.resolve_precision(cfg.precision, device)
     amp_dtype = runtime.autocast_dtype(precision)
@@ -121,7 +123,7 @@ def _train(cfg: TrainConfig, env: Mapping[str, str], info: runtime.DistInfo, dev
         standardize.fit(dataset.train.features)
     core.to(device)
     if device.type == "cuda" and cfg.model == "cnn":
-        core.to(memory_format=torch.channels_last)
+        core.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = _make_optimizer(cfg, core.parameters(), device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
@@ -170,9 +172,13 @@ def _train(cfg: TrainConfig, env: Mapping[str, str], info: runtime.DistInfo, dev
     if info.is_main:
         from gpu_trainer.tracking import Tracker
 
-        tracker = Tracker(experiment=cfg.experiment, run_name=cfg.run_name, resume_run_id=run_id, lineage=lineage)
+        tracker = Tracker(
+            experiment=cfg.experiment, run_name=cfg.run_name, resume_run_id=run_id, lineage=lineage
+        )
         run_id = tracker.run_id
-        tracker.log_params({**cfg.params(), "precision": precision, "device": device.type, "world_size": info.world_size})
+        tracker.log_params(
+            {**cfg.params(), "precision": precision, "device": device.type, "world_size": info.world_size}
+        )
         if resumed_from is not None:
             tracker.set_tag("mltrain.resumed_from_epoch", str(resumed_from))
 
@@ -227,11 +233,18 @@ def _train(cfg: TrainConfig, env: Mapping[str, str], info: runtime.DistInfo, dev
             else:
                 runtime.seed_everything(runtime.epoch_seed(cfg.seed, epoch, info.rank))
             indices = epoch_indices(
-                len(train_split), epoch=epoch, seed=cfg.seed, rank=info.rank, world_size=info.world_size, shuffle=True
+                len(train_split),
+                epoch=epoch,
+                seed=cfg.seed,
+                rank=info.rank,
+                world_size=info.world_size,
+                shuffle=True,
             ).to(train_split.labels.device)
             model.train()
             # Accumulate on the device: a .item() per step would synchronise CUDA every step.
-            loss_sum = torch.tensor(partial["loss_sum"] if skip_batches else 0.0, device=device, dtype=torch.float64)
+            loss_sum = torch.tensor(
+                partial["loss_sum"] if skip_batches else 0.0, device=device, dtype=torch.float64
+            )
             count = int(partial["count"]) if skip_batches else 0
             step_in_epoch = skip_batches
             trained_now = 0
@@ -245,7 +258,9 @@ def _train(cfg: TrainConfig, env: Mapping[str, str], info: runtime.DistInfo, dev
             ):
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                with torch.autocast(
+                    device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+                ):
                     logits = model(x)
                     loss = F.cross_entropy(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
@@ -269,14 +284,15 @@ def _train(cfg: TrainConfig, env: Mapping[str, str], info: runtime.DistInfo, dev
                         loss.item(),
                         trained_now * info.world_size / max(elapsed, 1e-9),
                     )
-                if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0:
-                    if step_in_epoch < batches_per_epoch:
-                        save(epoch, step_in_epoch, float(loss_sum.item()), count)
+                # Epoch ends checkpoint below, after validation; here only mid-epoch positions.
+                at_interval = cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0
+                if at_interval and step_in_epoch < batches_per_epoch:
+                    save(epoch, step_in_epoch, float(loss_sum.item()), count)
             skip_batches = 0
             totals = torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
             if info.distributed:
                 torch.distributed.all_reduce(totals)
-            train_loss = float(totals[0] / max(totals[1], 1.0))
+            train_loss = float(totals[0].item() / max(totals[1].item(), 1.0))
             if not math.isfinite(train_loss):
                 raise TrainerError(
                     f"training diverged: train_loss is {train_loss} in epoch {epoch + 1}; lower --lr or use fp32"

@@ -99,9 +99,16 @@ def trainer(args: argparse.Namespace, data: str, work: Path, round_no: int) -> t
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="default: fp32 on CPU, bf16 on CUDA",
+    )
     parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -109,7 +116,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=20, help="tile the digits train split this many times")
     parser.add_argument("--rounds", type=int, default=2, help="best of this many runs of each")
     parser.add_argument("--compile", action="store_true", help="torch.compile in the trainer")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)"
+    )
     args = parser.parse_args()
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
 

@@ -43,7 +43,9 @@ def trainer_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_trainer(args: list[str], env: dict[str, str], *, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def run_trainer(
+    args: list[str], env: dict[str, str], *, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m gpu_trainer.train`` to completion."""
     return subprocess.run(
         [sys.executable, "-m", "gpu_trainer.train", *args],
@@ -60,10 +62,24 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) ->
     """An uninterrupted 4-epoch run on a SQLite store; returns paths and the result."""
     root = tmp_path_factory.mktemp("reference-run")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    lineage = {"dag_id": "train_dag", "run_id": "manual__1", "task_id": "train", "map_index": -1, "try_number": 1}
+    lineage = {
+        "dag_id": "train_dag",
+        "run_id": "manual__1",
+        "task_id": "train",
+        "map_index": -1,
+        "try_number": 1,
+    }
     env = trainer_env(uri, MLTRAIN_LINEAGE=json.dumps(lineage), MLFLOW_EXPERIMENT_NAME="reference")
     proc = run_trainer(
-        ["--data", str(digits_dir), *BASE_ARGS, "--checkpoint-dir", str(root / "ckpt"), "--output", str(root / "result.json")],
+        [
+            "--data",
+            str(digits_dir),
+            *BASE_ARGS,
+            "--checkpoint-dir",
+            str(root / "ckpt"),
+            "--output",
+            str(root / "result.json"),
+        ],
         env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -38,7 +38,10 @@ def test_missing_data(clean_env, capsys):
 
 
 def test_missing_label_column(clean_env, digits_dir, capsys):
-    assert main(["--data", str(digits_dir), "--label-column", "target", "--output", str(clean_env / "r.json")]) == 2
+    assert (
+        main(["--data", str(digits_dir), "--label-column", "target", "--output", str(clean_env / "r.json")])
+        == 2
+    )
     line = _error_line(capsys)
     assert "label column 'target' not found" in line and "--label-column" in line
 
@@ -74,14 +77,27 @@ def test_unreadable_checkpoint(clean_env, digits_dir, capsys):
     ckpt = clean_env / "ckpt"
     ckpt.mkdir()
     (ckpt / "ckpt-000000023.pt").write_bytes(b"not a checkpoint")
-    assert main(["--data", str(digits_dir), "--checkpoint-dir", str(ckpt), "--output", str(clean_env / "r.json")]) == 2
+    assert (
+        main(
+            ["--data", str(digits_dir), "--checkpoint-dir", str(ckpt), "--output", str(clean_env / "r.json")]
+        )
+        == 2
+    )
     line = _error_line(capsys)
     assert "no readable checkpoint" in line and str(ckpt) in line
 
 
 def test_command_line_exit_status_and_single_stderr_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "gpu_trainer.train", "--data", str(tmp_path / "missing.parquet"), "--output", str(tmp_path / "r.json")],
+        [
+            sys.executable,
+            "-m",
+            "gpu_trainer.train",
+            "--data",
+            str(tmp_path / "missing.parquet"),
+            "--output",
+            str(tmp_path / "r.json"),
+        ],
         env=trainer_env(f"sqlite:///{tmp_path / 'm.db'}"),
         capture_output=True,
         text=True,

@@ -74,4 +74,30 @@ def test_killed_run_resumes_at_epoch_3_in_the_same_mlflow_run(tmp_path, digits_d
         assert result["metrics"][name] == pytest.approx(reference[name], rel=1e-4, abs=1e-6), name
 
 
+def test_resume_from_a_mid_epoch_checkpoint_replays_the_rest_of_the_epoch(tmp_path, digits_dir, monkeypatch):
+    from gpu_trainer.train import main
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv(contract.ENV_HYPERPARAMETERS, raising=False)
+    common = [
+        "--data",
+        str(digits_dir),
+        "--epochs",
+        "1",
+        "--checkpoint-every-steps",
+        "10",
+        "--keep-checkpoints",
+        "5",
+    ]
+    assert main([*common, "--checkpoint-dir", str(tmp_path / "a"), "--output", str(tmp_path / "a.json")]) == 0
+    names = sorted(path.name for path in (tmp_path / "a").iterdir())
+    assert names == ["ckpt-000000010.pt", "ckpt-000000020.pt", "ckpt-000000023.pt"]
+    # Keep only the step-20 checkpoint: as if the process died 3 steps before the end of the epoch.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "ckpt-000000020.pt").write_bytes((tmp_path / "a" / "ckpt-000000020.pt").read_bytes())
+    assert main([*common, "--checkpoint-dir", str(tmp_path / "b"), "--output", str(tmp_path / "b.json")]) == 0
+    first = contract.load_result(str(tmp_path / "a.json"))
+    resumed = contract.load_result(str(tmp_path / "b.json"))
+    assert resumed["resumed_from_epoch"] == 0 and resumed["run_id"] == first["run_id"]
+    for name in ("train_loss", "val_loss", "val_accuracy", "val_f1"):
+        assert resumed["metrics"][name] == pytest.approx(first["metrics"][name], rel=1e-5), name

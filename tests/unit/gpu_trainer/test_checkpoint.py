@@ -11,7 +11,12 @@ from gpu_trainer.errors import TrainerError
 
 
 def _state(step: int) -> dict:
-    return {"model": {"w": torch.full((2,), float(step))}, "epoch": step, "config": {"lr": 0.1}, "rng": runtime.rng_state()}
+    return {
+        "model": {"w": torch.full((2,), float(step))},
+        "epoch": step,
+        "config": {"lr": 0.1},
+        "rng": runtime.rng_state(),
+    }
 
 
 def test_atomic_save_keeps_the_last_k(tmp_path):
@@ -33,7 +38,9 @@ def test_corrupt_newest_falls_back_with_a_warning(tmp_path, caplog):
         logging.getLogger("gpu_trainer").propagate = True
         path, state = checkpoint.load_latest(str(tmp_path))
     assert state["epoch"] == 1
-    assert any("unreadable" in record.message and "ckpt-000000002.pt" in record.message for record in caplog.records)
+    assert any(
+        "unreadable" in record.message and "ckpt-000000002.pt" in record.message for record in caplog.records
+    )
 
 
 def test_no_checkpoint_and_all_unreadable(tmp_path):

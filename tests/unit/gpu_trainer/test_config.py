@@ -37,8 +37,14 @@ def test_defaults_without_environment():
     ("argv", "needle"),
     [
         (["--data", "d", "--epochs", "0"], "--epochs: epochs must be an integer >= 1, got '0'"),
-        (["--data", "d", "--val-fraction", "1.5"], "--val-fraction: val_fraction must be a number > 0.0 and < 1.0"),
-        (["--data", "d", "--precision", "fp8"], "--precision: precision must be one of ['auto', 'fp32', 'bf16', 'fp16']"),
+        (
+            ["--data", "d", "--val-fraction", "1.5"],
+            "--val-fraction: val_fraction must be a number > 0.0 and < 1.0",
+        ),
+        (
+            ["--data", "d", "--precision", "fp8"],
+            "--precision: precision must be one of ['auto', 'fp32', 'bf16', 'fp16']",
+        ),
         (["--data", "d", "--bogus"], "unrecognized arguments: --bogus"),
         ([], "--data is required"),
     ],
@@ -50,7 +56,9 @@ def test_bad_values_name_option_value_and_allowed(argv, needle):
 
 
 def test_hyperparameter_errors_name_the_variable():
-    with pytest.raises(TrainerError, match=r"MLTRAIN_HYPERPARAMETERS\['batch_size'\]: batch_size must be an integer"):
+    with pytest.raises(
+        TrainerError, match=r"MLTRAIN_HYPERPARAMETERS\['batch_size'\]: batch_size must be an integer"
+    ):
         resolve_config(["--data", "d"], {contract.ENV_HYPERPARAMETERS: json.dumps({"batch_size": 1.5})})
     with pytest.raises(TrainerError, match="must be a JSON object"):
         resolve_config(["--data", "d"], {contract.ENV_HYPERPARAMETERS: "[1]"})

@@ -13,7 +13,9 @@ from gpu_trainer.errors import TrainerError
 
 def _frame(n: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({"x1": rng.normal(size=n), "x2": rng.normal(size=n), "name": ["r"] * n, "y": rng.integers(0, 3, n)})
+    return pd.DataFrame(
+        {"x1": rng.normal(size=n), "x2": rng.normal(size=n), "name": ["r"] * n, "y": rng.integers(0, 3, n)}
+    )
 
 
 def test_digits_helper_writes_a_stratified_split(tmp_path):
@@ -81,4 +83,6 @@ def test_iterate_batches_in_process_and_with_workers_agree():
     direct = list(iterate_batches(split, order, 4, skip_batches=1))
     assert [y.tolist() for _, y in direct] == [[5, 4, 3, 2], [1, 0]]
     workers = list(iterate_batches(split, order, 4, skip_batches=1, num_workers=1))
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(direct, workers, strict=True))
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(direct, workers, strict=True)
+    )

@@ -31,7 +31,7 @@ def test_runs_as_non_root_with_the_trainer_as_entry_point():
 
 
 def test_installs_the_trainer_extra_without_airflow():
-    assert "--no-deps ." in DOCKERFILE and '{"extra": "trainer"}' in DOCKERFILE
+    assert "--no-deps ." in DOCKERFILE and "{'extra': 'trainer'}" in DOCKERFILE
     assert "apache-airflow" not in DOCKERFILE
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored and "tests" in ignored

@@ -39,22 +39,31 @@ SLEEPER = textwrap.dedent(
 
 MLFLOW_TRAINER = textwrap.dedent(
     """
-    import os
-    from mlflow import MlflowClient
+    import os, uuid
+    import requests
     from gpu_trainer import contract
 
-    # Credentials come from the child's environment only (MLflowHook.child_environment()).
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
-    exp_id = exp.experiment_id if exp else client.create_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
-    run = client.create_run(exp_id, run_name=os.environ["MLFLOW_RUN_NAME"])
-    client.log_metric(run.info.run_id, "val_accuracy", 0.9)
-    client.set_terminated(run.info.run_id)
+    # Credentials come from the child's environment only (MLflowHook.child_environment()). Plain REST
+    # calls rather than the mlflow client: the same authentication, without seconds of import time.
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"])
+    name = f"{os.environ['MLFLOW_EXPERIMENT_NAME']}-{uuid.uuid4().hex[:8]}"
+    exp = requests.post(f"{uri}/api/2.0/mlflow/experiments/create", json={"name": name}, auth=auth, timeout=30)
+    exp.raise_for_status()
+    run = requests.post(
+        f"{uri}/api/2.0/mlflow/runs/create",
+        json={"experiment_id": exp.json()["experiment_id"], "run_name": os.environ["MLFLOW_RUN_NAME"]},
+        auth=auth,
+        timeout=30,
+    )
+    run.raise_for_status()
+    run_id = run.json()["run"]["info"]["run_id"]
+    print("logged run", run_id, flush=True)
     contract.write_result(
         contract.result_path(),
         contract.make_result(
-            run_id=run.info.run_id,
-            model_uri=f"runs:/{run.info.run_id}/model",
+            run_id=run_id,
+            model_uri=f"runs:/{run_id}/model",
             metrics={"val_accuracy": 0.9},
             params={},
             resumed_from_epoch=None,

@@ -253,7 +253,8 @@ def _train(
                 indices,
                 cfg.batch_size,
                 skip_batches=skip_batches,
-                num_workers=cfg.num_workers,
+                # Device-resident data is sliced on the GPU; worker processes cannot hold CUDA tensors.
+                num_workers=cfg.num_workers if train_split.features.device.type == "cpu" else 0,
                 pin_memory=device.type == "cuda",
             ):
                 x = x.to(device, non_blocking=True)
@@ -275,14 +276,18 @@ def _train(
                 global_step += 1
                 if cfg.log_every_steps and global_step % cfg.log_every_steps == 0:
                     elapsed = time.perf_counter() - epoch_start
+                    steps_left = (batches_per_epoch - step_in_epoch) + (
+                        cfg.epochs - epoch - 1
+                    ) * batches_per_epoch
                     log.info(
-                        "epoch %d/%d step %d/%d loss %.4f samples/s %.0f",
+                        "epoch %d/%d step %d/%d loss %.4f samples/s %.0f eta %s",
                         epoch + 1,
                         cfg.epochs,
                         step_in_epoch,
                         batches_per_epoch,
                         loss.item(),
                         trained_now * info.world_size / max(elapsed, 1e-9),
+                        _fmt_eta(elapsed / max(step_in_epoch - skip_batches, 1) * steps_left),
                     )
                 # Epoch ends checkpoint below, after validation; here only mid-epoch positions.
                 at_interval = cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0

@@ -238,5 +238,7 @@ with DAG(
             log.info("quality gate failed: nothing registered")
         return summary
 
+    # The training pods read the prepared data through a template, which adds no dependency by itself.
     wait_for_data >> data_preparation
+    prepared >> train
     quality_gate >> [register, skip_registration] >> notify(best)

@@ -76,11 +76,9 @@ def print_summary(title: str, summary: dict[str, Any]) -> None:
     )
     print("metrics         " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary["best_metrics"].items())))
     report = summary.get("quality_report") or {}
-    print(
-        f"quality gate    {report.get('verdict', '?')} -> {report.get('branch', report.get('chosen', '?'))}"
-    )
-    for check in report.get("checks", []):
-        print("                " + "  ".join(f"{k}={v}" for k, v in check.items()))
+    verdict = "PASSED" if report.get("passed") else "FAILED"
+    print(f"quality gate    {verdict} -> {', '.join(report.get('branch', []))}")
+    print("\n".join("                " + line for line in str(report.get("table", "")).splitlines()))
     registered = summary.get("registered")
     if registered:
         print(

@@ -28,24 +28,26 @@ class _XComUrlLink(BaseOperatorLink):
 
     @classmethod
     def persist(cls, context: Any, url: str) -> None:
-        """Store the link's URL for this task instance (nothing when the connection has no UI URL).
+        """Store the link's URL for this task instance.
+
+        An empty URL (a connection without a UI, e.g. a local store) is stored too: Airflow resolves every
+        extra link when the task ends, and a missing XCom is logged as an error there.
 
         :param context: the task's context.
-        :param url: the full URL.
+        :param url: the full URL, or ``""``.
         """
-        if url:
-            context["ti"].xcom_push(key=cls.key, value=url)
+        context["ti"].xcom_push(key=cls.key, value=url or "")
 
 
 class MLflowRunLink(_XComUrlLink):
-    """"MLflow run": the training run behind a task (GPUTrainingPodOperator)."""
+    """The "MLflow run" link: the training run behind a task (GPUTrainingPodOperator)."""
 
     name = "MLflow run"
     key = "mlflow_run_url"
 
 
 class MLflowModelVersionLink(_XComUrlLink):
-    """"MLflow model version": the registered version a task created or found (MLflowRegisterOperator)."""
+    """The "MLflow model version" link: the version a task registered or found (MLflowRegisterOperator)."""
 
     name = "MLflow model version"
     key = "mlflow_model_version_url"

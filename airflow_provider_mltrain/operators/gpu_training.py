@@ -634,16 +634,15 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
 
     def _persist_run_link(self, context: Context, result: dict[str, Any]) -> None:
         run_id = result.get("run_id")
-        if not self.mlflow_conn_id or not run_id:
-            return
+        url = ""
         try:
-            hook = MLflowHook(self.mlflow_conn_id)
-            if not hook.ui_url:
-                return
-            experiment_id = hook.get_conn().get_run(run_id).info.experiment_id
-            MLflowRunLink.persist(context, hook.run_url(experiment_id, run_id))
+            hook = MLflowHook(self.mlflow_conn_id) if self.mlflow_conn_id and run_id else None
+            if hook is not None and hook.ui_url:
+                experiment_id = hook.get_conn().get_run(run_id).info.experiment_id
+                url = hook.run_url(experiment_id, str(run_id))
         except Exception as err:
             self.log.warning("Could not build the MLflow run link for run %s: %s", run_id, err)
+        MLflowRunLink.persist(context, url)
 
     # -- running locally -----------------------------------------------------------------------------
 

@@ -71,9 +71,6 @@ def evaluate_model(
     import mlflow.pytorch
     from mlflow.models import get_model_info
 
-    from gpu_trainer.tracking import apply_tracking_uri
-
-    apply_tracking_uri()
     split, columns = load_holdout(data, label_column=label_column, feature_columns=feature_columns)
     target = runtime.pick_device(device, runtime.DistInfo())
     try:

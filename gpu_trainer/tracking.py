@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,7 +34,6 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
-        apply_tracking_uri()
         mlflow.set_experiment(experiment)
         run = None
         if resume_run_id:
@@ -132,12 +130,3 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)
-
-
-def apply_tracking_uri() -> None:
-    """Use ``MLFLOW_TRACKING_URI`` as set now, even if something in this process set another URI before."""
-    import mlflow
-
-    uri = os.environ.get(contract.ENV_TRACKING_URI)
-    if uri:
-        mlflow.set_tracking_uri(uri)

@@ -18,6 +18,18 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 BASE_ARGS = ["--epochs", "4", "--batch-size", "64", "--lr", "0.002", "--seed", "7", "--hidden-dim", "128"]
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uri_from_environment():
+    """Let ``MLFLOW_TRACKING_URI`` decide, as in the container: undo any ``mlflow.set_tracking_uri``
+    another test in this process made, and leave none behind."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved = utils._tracking_uri
+    utils._tracking_uri = None
+    yield
+    utils._tracking_uri = saved
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-learn's digits as train.parquet / val.parquet."""

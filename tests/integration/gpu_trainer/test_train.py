@@ -92,7 +92,6 @@ def test_trains_against_a_real_tracking_server_and_registers_the_result(
     assert run.info.run_name == "server-run"
     assert run.data.params["batch_size"] == "128"
     # What the register operator will do with the result: it must give a version tied to this run.
-    mlflow.set_tracking_uri(mlflow_server.uri)
     version = mlflow.register_model(result["model_uri"], "digits-cnn")
     assert version.run_id == result["run_id"]
     assert client.get_model_version("digits-cnn", version.version).status == "READY"

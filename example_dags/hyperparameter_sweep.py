@@ -61,6 +61,8 @@ with DAG(
     def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
         """Rank the runs on the chosen metric and return the best result."""
         metric = get_current_context()["params"]["metric"]
+        # Index instead of iterating: iterating a lazy XCom sequence probes one past its end (logged as an error).
+        results = [results[i] for i in range(len(results))]
         ranked = sorted(results, key=lambda r: r["metrics"][metric], reverse=True)
         for rank, result in enumerate(ranked, start=1):
             log.info(

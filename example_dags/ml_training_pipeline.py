@@ -87,7 +87,7 @@ with DAG(
         "hidden_dims": Param([128, 256], type="array", description="swept"),
         "min_val_accuracy": Param(0.90, type="number", minimum=0, maximum=1),
         "max_val_loss": Param(0.5, type="number", minimum=0),
-        "min_improvement": Param(0.0, type="number", description="over the champion's val_accuracy"),
+        "min_improvement": Param(0.005, type="number", description="over the champion's val_accuracy"),
     },
     render_template_as_native_obj=True,
 ) as dag:
@@ -164,6 +164,9 @@ with DAG(
     @task(multiple_outputs=True)
     def pick_best(results: list[dict[str, Any]]) -> dict[str, Any]:
         """The run with the best val_accuracy (ties: lower val_loss); logs the whole leaderboard."""
+        # Index instead of iterating: iterating a lazy XCom sequence probes one past its end, which the
+        # Airflow API client logs as an error.
+        results = [results[i] for i in range(len(results))]
         ranked = sorted(results, key=lambda r: (-r["metrics"]["val_accuracy"], r["metrics"]["val_loss"]))
         log.info("%-34s %-8s %-10s %12s %9s", "run_id", "lr", "hidden_dim", "val_accuracy", "val_loss")
         for result in ranked:

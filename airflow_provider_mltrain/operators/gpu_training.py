@@ -638,7 +638,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         try:
             hook = MLflowHook(self.mlflow_conn_id) if self.mlflow_conn_id and run_id else None
             if hook is not None and hook.ui_url:
-                experiment_id = hook.get_conn().get_run(run_id).info.experiment_id
+                experiment_id = hook.get_conn().get_run(str(run_id)).info.experiment_id
                 url = hook.run_url(experiment_id, str(run_id))
         except Exception as err:
             self.log.warning("Could not build the MLflow run link for run %s: %s", run_id, err)

@@ -30,7 +30,9 @@ def log_tiny_model(
     import mlflow.pyfunc
 
     class Identity(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        def predict(
+            self, context, model_input, params=None
+        ):  # untyped: typed hints make MLflow infer a schema
             return model_input
 
     # The fluent API reads the tracking URI from the environment; monkeypatch undoes it after the test.

@@ -11,13 +11,13 @@ Run: ``.venv/bin/python tests/benchmarks/bench_gpu_operator_parse.py [repetition
 
 from __future__ import annotations
 
-import os
-import statistics
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
+
+# Run as a script, so this folder is on sys.path.
+from _parse_timing import isolated_airflow_home, rotating_medians
 
 TASKS = 50
 
@@ -124,40 +124,19 @@ KPO_BARE_DAG = textwrap.dedent(
 )
 
 
-def parse_seconds(path: Path) -> float:
-    from airflow.dag_processing.dagbag import DagBag
-
-    started = time.perf_counter()
-    bag = DagBag(dag_folder=str(path), safe_mode=False)
-    elapsed = time.perf_counter() - started
-    if bag.import_errors or len(next(iter(bag.dags.values())).tasks) != TASKS:
-        raise SystemExit(f"{path.name} did not parse cleanly: {bag.import_errors}")
-    return elapsed
-
-
 def main() -> None:
     repetitions = int(sys.argv[1]) if len(sys.argv) > 1 else 40
-    os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="bench-airflow-home-"))
-    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-    os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+    isolated_airflow_home()
     with tempfile.TemporaryDirectory() as tmp:
-        gpu_file = Path(tmp, "dag_gpu.py")
-        kpo_file = Path(tmp, "dag_kpo.py")
-        bare_file = Path(tmp, "dag_kpo_bare.py")
-        gpu_file.write_text(GPU_DAG)
-        kpo_file.write_text(KPO_DAG)
-        bare_file.write_text(KPO_BARE_DAG)
-        files = {"gpu": gpu_file, "kpo": kpo_file, "bare": bare_file}
-        samples: dict[str, list[float]] = {name: [] for name in files}
-        # Warm-up: the first parse pays the imports (Airflow, the providers, kubernetes models) for all.
-        for path in files.values():
-            parse_seconds(path)
-        names = list(files)
-        for rep in range(repetitions):
-            # Rotate which goes first so drift (thermal, other load) favours none.
-            for name in names[rep % 3 :] + names[: rep % 3]:
-                samples[name].append(parse_seconds(files[name]))
-    med = {name: statistics.median(values) for name, values in samples.items()}
+        files = {
+            "gpu": Path(tmp, "dag_gpu.py"),
+            "kpo": Path(tmp, "dag_kpo.py"),
+            "bare": Path(tmp, "dag_kpo_bare.py"),
+        }
+        for name, source in (("gpu", GPU_DAG), ("kpo", KPO_DAG), ("bare", KPO_BARE_DAG)):
+            files[name].write_text(source)
+        stats = rotating_medians(files, repetitions, expected_tasks=TASKS)
+    med = {name: median for name, (median, _) in stats.items()}
     print(f"DAG with {TASKS} tasks, {repetitions} rotating repetitions each (DagBag parse):")
     labels = {
         "gpu": "GPUTrainingPodOperator",
@@ -165,7 +144,7 @@ def main() -> None:
         "bare": "KubernetesPodOperator, no k8s models",
     }
     for name, label in labels.items():
-        print(f"  {label:42s} median {med[name] * 1000:8.2f} ms   (min {min(samples[name]) * 1000:.2f} ms)")
+        print(f"  {label:42s} median {med[name] * 1000:8.2f} ms   (min {stats[name][1] * 1000:.2f} ms)")
     print(f"  ratio GPU / KPO same pod by hand (median) {med['gpu'] / med['kpo']:.3f}   (goal <= 1.05)")
     print(f"  ratio GPU / KPO without k8s models        {med['gpu'] / med['bare']:.3f}")
 

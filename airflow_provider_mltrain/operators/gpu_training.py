@@ -113,8 +113,9 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         ``[mltrain] launcher`` setting. Never a silent fallback.
     :param unschedulable_timeout_seconds: fail after the scheduler has called the pod unschedulable for
         this long (unless the cluster autoscaler is scaling up); None waits ``schedule_timeout_seconds``.
-        Applies while the worker waits (synchronous mode); deferrable mode fails after
-        ``schedule_timeout_seconds`` with the same diagnosis.
+        In deferrable mode the worker watches scheduling before it defers, for at most twice this long:
+        it defers as soon as the pod is scheduled or the autoscaler is adding a node, and fails (and
+        deletes the pod) when no node can take it.
     :param local_kill_grace_seconds: local launcher: seconds between SIGTERM and SIGKILL on kill/timeout.
     """
 
@@ -488,26 +489,52 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 raise self._startup_failure from err
             raise
 
-    def _await_scheduling(self, pod: k8s.V1Pod) -> None:
-        """Fail fast when the scheduler says no node fits, instead of waiting out the schedule timeout."""
+    def invoke_defer_method(self, last_log_time: Any = None, context: Context | None = None) -> None:
+        # KPO's trigger only knows "not started within schedule_timeout_seconds": a GPU request no node
+        # can satisfy would sit there for the whole timeout. So before the first deferral the worker
+        # watches scheduling briefly, exactly as the synchronous path does (re-deferrals for log
+        # streaming come after the pod started and skip this).
+        if last_log_time is None and self.unschedulable_timeout_seconds is not None and self.pod:
+            try:
+                self._await_scheduling(self.pod, before_deferral=True)
+            except GPUTrainingFailure:
+                # Nothing else would delete the pod: the task ends here, before any trigger owns it.
+                # on_finish_action decides, as for any other failure (it reads the remote status).
+                try:
+                    remote = self.pod_manager.read_pod(self.pod)
+                except Exception:
+                    remote = self.pod
+                self.process_pod_deletion(remote, reraise=False)
+                raise
+        super().invoke_defer_method(last_log_time=last_log_time, context=context)
+
+    def _await_scheduling(self, pod: k8s.V1Pod, *, before_deferral: bool = False) -> None:
+        """Fail fast when the scheduler says no node fits, instead of waiting out the schedule timeout.
+
+        :param before_deferral: return (so the task defers) as soon as the autoscaler is adding a node,
+            and after at most twice ``unschedulable_timeout_seconds``: a deferrable task should not
+            hold a worker slot through a long wait.
+        """
         assert self.unschedulable_timeout_seconds is not None
-        deadline = time.monotonic() + self.schedule_timeout_seconds
+        budget = self.schedule_timeout_seconds
+        if before_deferral:
+            budget = min(budget, 2 * self.unschedulable_timeout_seconds)
+        deadline = time.monotonic() + budget
         first_seen: float | None = None
         while True:
             remote = self.pod_manager.read_pod(pod)
             message = unschedulable_message(remote)
             if message is None:
-                if remote.status is None or remote.status.phase not in (PodPhase.PENDING, "Unknown"):
-                    return
-                if any(
-                    c.type == "PodScheduled" and c.status == "True" for c in remote.status.conditions or []
-                ):
+                if _is_scheduled(remote):
                     return
                 first_seen = None
             else:
                 now = time.monotonic()
                 first_seen = now if first_seen is None else first_seen
-                if now - first_seen >= self.unschedulable_timeout_seconds and not self._scaling_up(pod):
+                scaling_up = self._scaling_up(pod)
+                if scaling_up and before_deferral:
+                    return  # a node is on its way: wait for it on the triggerer, not on a worker
+                if now - first_seen >= self.unschedulable_timeout_seconds and not scaling_up:
                     self._startup_failure = GPUTrainingFailure(
                         explain_unschedulable(message, self._triage_context())
                         + f"\n(gave up after {self.unschedulable_timeout_seconds}s unschedulable; "
@@ -710,3 +737,16 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             process.stop()
             return
         super().on_kill()
+
+
+def _is_scheduled(remote: k8s.V1Pod) -> bool:
+    """Whether the pod is bound to a node (or past Pending, or gone)."""
+    status = remote.status
+    if status is None or status.phase not in (PodPhase.PENDING, "Unknown"):
+        return True
+    if remote.spec is not None and remote.spec.node_name:
+        return True
+    # The kubelet reports container statuses only for a pod bound to its node.
+    if status.container_statuses:
+        return True
+    return any(c.type == "PodScheduled" and c.status == "True" for c in status.conditions or [])

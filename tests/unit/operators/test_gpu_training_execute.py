@@ -314,9 +314,54 @@ def test_unschedulable_waits_while_autoscaler_scales_up(mocker):
     assert op.execute(make_context()) == RESULT
 
 
+def test_unschedulable_gpu_fails_before_deferring_and_deletes_the_pod(mocker):
+    """Deferrable: the worker watches scheduling first, so an impossible request never reaches the trigger."""
+    op = make_op(
+        deferrable=True,
+        gpus=8,
+        schedule_timeout_seconds=3600,
+        unschedulable_timeout_seconds=5,
+        startup_check_interval_seconds=0,
+    )
+    pending = status_pod(
+        phase="Pending",
+        unschedulable="0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+        exit_code=None,
+    )
+    cluster = FakeCluster(op, mocker, final=pending, xcom=None)
+    clock = iter(range(0, 10_000, 1))
+    mocker.patch(
+        "airflow_provider_mltrain.operators.gpu_training.time.monotonic", side_effect=lambda: next(clock)
+    )
+    mocker.patch("airflow_provider_mltrain.operators.gpu_training.time.sleep")
+
+    with pytest.raises(GPUTrainingFailure, match=r"(?s)cannot be scheduled.*no node has 8 free"):
+        op.execute(make_context())  # raises the failure, not TaskDeferred
+
+    cluster.pm.delete_pod.assert_called_once()
+
+
+def test_deferrable_defers_at_once_while_the_autoscaler_adds_a_node(mocker):
+    op = make_op(deferrable=True, gpus=1, unschedulable_timeout_seconds=600)
+    pending = status_pod(
+        phase="Pending", unschedulable="0/1 nodes: 1 Insufficient nvidia.com/gpu.", exit_code=None
+    )
+    cluster = FakeCluster(op, mocker, final=pending, xcom=None)
+    cluster.pm.read_pod_events.return_value = mock.MagicMock(
+        items=[mock.MagicMock(reason="TriggeredScaleUp")]
+    )
+    sleep = mocker.patch("airflow_provider_mltrain.operators.gpu_training.time.sleep")
+
+    with pytest.raises(TaskDeferred):
+        op.execute(make_context())
+
+    sleep.assert_not_called()
+    cluster.pm.delete_pod.assert_not_called()
+
+
 def test_gpu_type_unmatched_deferrable(mocker):
-    """Deferrable: the trigger times out on scheduling; the error still names gpu_type and the fix."""
-    op = make_op(deferrable=True, gpu_type=["NVIDIA-H200"])
+    """Fast failure off: the trigger times out on scheduling; the error still names gpu_type and the fix."""
+    op = make_op(deferrable=True, gpu_type=["NVIDIA-H200"], unschedulable_timeout_seconds=None)
     pending = status_pod(
         phase="Pending",
         unschedulable="0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector.",
@@ -345,4 +390,5 @@ def test_mlflow_link_never_fails_the_task(mocker, airflow_conn):
     )
     context = make_context()
     assert op.execute(context) == RESULT
-    assert "mlflow_run_url" not in pushed(context)
+    # An empty link (not an error when Airflow resolves the task's links), never a broken URL.
+    assert pushed(context)["mlflow_run_url"] == ""

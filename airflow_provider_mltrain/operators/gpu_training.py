@@ -31,6 +31,7 @@ from kubernetes.client import models as k8s
 from airflow_provider_mltrain.hooks.mlflow import MLflowHook
 from airflow_provider_mltrain.links.mlflow import MLflowRunLink
 from airflow_provider_mltrain.operators import _pod_spec as spec
+from airflow_provider_mltrain.operators._arguments import RESERVED_ENV, check_arguments
 from airflow_provider_mltrain.operators._triage import (
     GPUTrainingFailure,
     TriageContext,
@@ -46,17 +47,6 @@ if TYPE_CHECKING:
     from airflow_provider_mltrain.launchers.local import LocalProcess
 
 _UNSET: Any = object()
-#: Environment variables the operator owns; set them through its parameters, not env_vars.
-RESERVED_ENV = (
-    contract.ENV_HYPERPARAMETERS,
-    contract.ENV_RESULT_PATH,
-    contract.ENV_CHECKPOINT_DIR,
-    contract.ENV_LINEAGE,
-    contract.ENV_TRACKING_URI,
-    contract.ENV_EXPERIMENT_NAME,
-    contract.ENV_RUN_NAME,
-    *contract.CREDENTIAL_ENV_VARS,
-)
 
 
 class _OfflineKubernetesHook:
@@ -188,10 +178,28 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         do_xcom_push: bool = True,
         **kwargs: Any,
     ) -> None:
-        if not do_xcom_push:
-            raise spec.bad_param(
-                "do_xcom_push", do_xcom_push, "must be True: the trainer's result is this operator's output"
-            )
+        checked = check_arguments(
+            {
+                "do_xcom_push": do_xcom_push,
+                "gpus": gpus,
+                "gpu_resource": gpu_resource,
+                "gpu_type": gpu_type,
+                "gpu_type_label": gpu_type_label,
+                "cpu": cpu,
+                "memory": memory,
+                "shm_size": shm_size,
+                "hyperparameters": hyperparameters,
+                "checkpoint_volume": checkpoint_volume,
+                "checkpoint_uri": checkpoint_uri,
+                "distributed": distributed,
+                "nproc_per_node": nproc_per_node,
+                "launcher": launcher,
+                "unschedulable_timeout_seconds": unschedulable_timeout_seconds,
+                "local_kill_grace_seconds": local_kill_grace_seconds,
+                "container_resources": kwargs.get("container_resources"),
+                "env_vars": kwargs.get("env_vars"),
+            }
+        )
         super().__init__(
             image=image,
             cmds=list(spec.DEFAULT_CMDS) if cmds is None else cmds,
@@ -199,89 +207,52 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             do_xcom_push=True,
             **kwargs,
         )
-        gpus = spec.check_gpus(gpus)
-        if shm_size is not None and not isinstance(shm_size, bool) and not spec.is_templated(shm_size):
-            spec.check_quantity("shm_size", shm_size)
-        if self.container_resources is not None and (gpus or cpu is not None or memory is not None):
-            raise spec.bad_param(
-                "container_resources",
-                self.container_resources,
-                "set either container_resources or gpus=/cpu=/memory=, not both (they would conflict)",
-            )
-        if not spec.is_templated(hyperparameters):
-            spec.check_hyperparameters(hyperparameters)
-        if checkpoint_volume is not None and checkpoint_uri is not None:
-            raise spec.bad_param(
-                "checkpoint_uri", checkpoint_uri, "set either checkpoint_volume or checkpoint_uri, not both"
-            )
-        if checkpoint_uri is not None and (not isinstance(checkpoint_uri, str) or not checkpoint_uri.strip()):
-            raise spec.bad_param("checkpoint_uri", checkpoint_uri, "expected a non-empty path or URI string")
-        nproc_per_node = spec.check_positive_int("nproc_per_node", nproc_per_node)
-        if not isinstance(distributed, bool):
-            raise spec.bad_param("distributed", distributed, "expected True or False")
-        if (distributed or nproc_per_node is not None) and nproc_per_node is None and gpus == 0:
-            raise spec.bad_param(
-                "distributed",
-                distributed,
-                "with gpus=0, set nproc_per_node= (one process per GPU needs GPUs)",
-            )
-        if launcher is not None and launcher not in spec.LAUNCHERS:
-            raise spec.bad_param("launcher", launcher, f"expected one of {list(spec.LAUNCHERS)} or None")
-        if (
-            isinstance(local_kill_grace_seconds, bool)
-            or not isinstance(local_kill_grace_seconds, (int, float))
-            or local_kill_grace_seconds < 0
-        ):
-            raise spec.bad_param(
-                "local_kill_grace_seconds", local_kill_grace_seconds, "expected seconds >= 0"
-            )
         # One dict update instead of ~25 attribute assignments: BaseOperator.__setattr__ costs a few
         # microseconds each, which is most of this constructor's share of DAG parse time. Equivalent here:
         # during __init__ it only records init kwargs (apply_defaults does that too) and none of these
         # names has a converter.
         vars(self).update(
-            gpus=gpus,
-            gpu_resource=spec.check_resource_name("gpu_resource", gpu_resource),
-            gpu_type_label=spec.check_label_key("gpu_type_label", gpu_type_label),
-            gpu_type=spec.check_gpu_type(gpu_type),
-            cpu=cpu if spec.is_templated(cpu) else spec.check_quantity("cpu", cpu),
-            memory=memory if spec.is_templated(memory) else spec.check_quantity("memory", memory),
-            shm_size=shm_size,
-            hyperparameters=hyperparameters,
+            {
+                name: checked[name]
+                for name in (
+                    "gpus",
+                    "gpu_resource",
+                    "gpu_type_label",
+                    "gpu_type",
+                    "cpu",
+                    "memory",
+                    "shm_size",
+                    "hyperparameters",
+                    "checkpoint_volume",
+                    "checkpoint_uri",
+                    "nproc_per_node",
+                    "launcher",
+                    "unschedulable_timeout_seconds",
+                    "local_kill_grace_seconds",
+                )
+            },
             mlflow_conn_id=mlflow_conn_id,
             experiment_name=experiment_name,
             mlflow_secret=mlflow_secret,
-            checkpoint_volume=spec.check_checkpoint_volume(checkpoint_volume),
-            checkpoint_uri=checkpoint_uri,
-            nproc_per_node=nproc_per_node,
             distributed=distributed or nproc_per_node is not None,
-            launcher=launcher,
-            unschedulable_timeout_seconds=spec.check_positive_int(
-                "unschedulable_timeout_seconds", unschedulable_timeout_seconds
-            ),
-            local_kill_grace_seconds=float(local_kill_grace_seconds),
             _local_process=None,
             _xcom_problem=None,
             _startup_failure=None,
             _final_result=_UNSET,
         )
-        self._check_env_vars()
+
+    @classmethod
+    def partial(cls, **kwargs: Any) -> Any:
+        """``BaseOperator.partial``, plus this operator's argument checks at DAG parse time.
+
+        Airflow builds a mapped task's operator only when an instance runs; without this, a bad
+        ``gpus=`` in a sweep's ``partial()`` would fail every mapped instance on a worker instead of
+        failing the DAG file's import.
+        """
+        check_arguments(kwargs)
+        return super().partial(**kwargs)
 
     # -- validation --------------------------------------------------------------------------------
-
-    def _check_env_vars(self) -> None:
-        env = self.env_vars
-        if spec.is_templated(env):
-            return
-        names = list(env) if isinstance(env, dict) else [getattr(e, "name", None) for e in env or []]
-        clash = sorted(set(RESERVED_ENV) & {str(n) for n in names})
-        if clash:
-            raise spec.bad_param(
-                "env_vars",
-                clash,
-                "these variables are set by the operator: use hyperparameters=, mlflow_conn_id=, "
-                "experiment_name=, mlflow_secret=, checkpoint_volume=/checkpoint_uri= instead",
-            )
 
     def _rendered_hyperparameters(self) -> dict[str, Any]:
         """Validate what templating or mapping produced (the construction-time check saw a placeholder)."""

@@ -284,46 +284,69 @@ def test_provider_info_registers_operator_and_link():
 # -- construction-time validation ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "pattern"),
-    [
-        ({"gpus": -1}, r"gpus=-1.*int >= 0"),
-        ({"gpus": 1.5}, r"gpus=1\.5"),
-        ({"gpu_resource": "gpu"}, r"gpu_resource='gpu'.*vendor-domain/resource"),
-        ({"gpu_resource": "Nvidia.com/gpu"}, r"gpu_resource='Nvidia.com/gpu'"),
-        ({"gpu_type": []}, r"gpu_type=\[\]"),
-        ({"gpu_type": "A100 80GB"}, r"gpu_type='A100 80GB'"),
-        ({"gpu_type_label": "bad label"}, r"gpu_type_label='bad label'"),
-        ({"cpu": "two"}, r"cpu='two'.*Kubernetes quantity"),
-        ({"memory": "16GB"}, r"memory='16GB'.*Kubernetes quantity"),
-        ({"memory": "-1Gi"}, r"memory='-1Gi'"),
-        ({"cpu": 0}, r"cpu=0.*positive"),
-        ({"shm_size": "lots"}, r"shm_size='lots'"),
-        ({"hyperparameters": {"f": object()}}, r"hyperparameters=.*JSON-serializable"),
-        ({"hyperparameters": {"lr": float("nan")}}, r"hyperparameters=.*JSON"),
-        ({"hyperparameters": "not json"}, r"hyperparameters='not json'"),
-        ({"hyperparameters": [1, 2]}, r"hyperparameters=\[1, 2\]"),
-        (
-            {"gpus": 1, "container_resources": k8s.V1ResourceRequirements(limits={"cpu": "1"})},
-            r"container_resources=.*not both",
-        ),
-        ({"launcher": "slurm"}, r"launcher='slurm'.*\['kubernetes', 'local'\]"),
-        ({"checkpoint_volume": {"claim": "x"}}, r"checkpoint_volume="),
-        ({"checkpoint_volume": {"claim_name": "pvc", "mount_path": "rel"}}, r"mount_path must be absolute"),
-        (
-            {"checkpoint_volume": {"claim_name": "pvc"}, "checkpoint_uri": "s3://b/c"},
-            r"checkpoint_uri=.*not both",
-        ),
-        ({"nproc_per_node": 0}, r"nproc_per_node=0"),
-        ({"distributed": True}, r"distributed=True.*nproc_per_node"),
-        ({"env_vars": {"MLTRAIN_HYPERPARAMETERS": "{}"}}, r"env_vars=.*MLTRAIN_HYPERPARAMETERS"),
-        ({"do_xcom_push": False}, r"do_xcom_push=False"),
-        ({"unschedulable_timeout_seconds": -5}, r"unschedulable_timeout_seconds=-5"),
-    ],
-)
+BAD_ARGUMENTS = [
+    ({"gpus": -1}, r"gpus=-1.*int >= 0"),
+    ({"gpus": 1.5}, r"gpus=1\.5"),
+    ({"gpu_resource": "gpu"}, r"gpu_resource='gpu'.*vendor-domain/resource"),
+    ({"gpu_resource": "Nvidia.com/gpu"}, r"gpu_resource='Nvidia.com/gpu'"),
+    ({"gpu_type": []}, r"gpu_type=\[\]"),
+    ({"gpu_type": "A100 80GB"}, r"gpu_type='A100 80GB'"),
+    ({"gpu_type_label": "bad label"}, r"gpu_type_label='bad label'"),
+    ({"cpu": "two"}, r"cpu='two'.*Kubernetes quantity"),
+    ({"memory": "16GB"}, r"memory='16GB'.*Kubernetes quantity"),
+    ({"memory": "-1Gi"}, r"memory='-1Gi'"),
+    ({"cpu": 0}, r"cpu=0.*positive"),
+    ({"shm_size": "lots"}, r"shm_size='lots'"),
+    ({"hyperparameters": {"f": object()}}, r"hyperparameters=.*JSON-serializable"),
+    ({"hyperparameters": {"lr": float("nan")}}, r"hyperparameters=.*JSON"),
+    ({"hyperparameters": "not json"}, r"hyperparameters='not json'"),
+    ({"hyperparameters": [1, 2]}, r"hyperparameters=\[1, 2\]"),
+    (
+        {"gpus": 1, "container_resources": k8s.V1ResourceRequirements(limits={"cpu": "1"})},
+        r"container_resources=.*not both",
+    ),
+    ({"launcher": "slurm"}, r"launcher='slurm'.*\['kubernetes', 'local'\]"),
+    ({"checkpoint_volume": {"claim": "x"}}, r"checkpoint_volume="),
+    ({"checkpoint_volume": {"claim_name": "pvc", "mount_path": "rel"}}, r"mount_path must be absolute"),
+    (
+        {"checkpoint_volume": {"claim_name": "pvc"}, "checkpoint_uri": "s3://b/c"},
+        r"checkpoint_uri=.*not both",
+    ),
+    ({"nproc_per_node": 0}, r"nproc_per_node=0"),
+    ({"distributed": True}, r"distributed=True.*nproc_per_node"),
+    ({"env_vars": {"MLTRAIN_HYPERPARAMETERS": "{}"}}, r"env_vars=.*MLTRAIN_HYPERPARAMETERS"),
+    ({"do_xcom_push": False}, r"do_xcom_push=False"),
+    ({"unschedulable_timeout_seconds": -5}, r"unschedulable_timeout_seconds=-5"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "pattern"), BAD_ARGUMENTS)
 def test_bad_parameters_fail_at_construction(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         op_(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    # partial() only knows what it is given: "distributed with no GPUs" needs both sides spelled out.
+    [case for case in BAD_ARGUMENTS if case[0] != {"distributed": True}]
+    + [({"distributed": True, "gpus": 0, "nproc_per_node": None}, r"distributed=True.*nproc_per_node")],
+)
+def test_bad_parameters_fail_at_partial_when_the_dag_is_parsed(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        GPUTrainingPodOperator.partial(task_id="sweep", image=IMAGE, **kwargs)
+
+
+def test_partial_leaves_mapped_and_templated_values_for_later():
+    from airflow.sdk import DAG
+
+    with DAG("sweep_dag", schedule=None):
+        mapped = GPUTrainingPodOperator.partial(
+            task_id="train", image=IMAGE, distributed=True, cpu="{{ params.cpu }}"
+        ).expand(gpus=[1, 2], hyperparameters=[{"lr": 0.1}])
+
+    assert mapped.partial_kwargs["distributed"] is True
+    assert mapped.expand_input.value["gpus"] == [1, 2]
 
 
 def test_templated_values_are_accepted_at_construction():

@@ -1,0 +1,132 @@
+"""GPUTrainingPodOperator's own arguments: validated once, whether the task is built or mapped.
+
+``GPUTrainingPodOperator(...)`` validates in its constructor; ``GPUTrainingPodOperator.partial(...)``
+never calls the constructor until a mapped task instance runs, so without a check of its own a typo in
+a sweep's ``partial()`` would surface hours later on a worker. Both paths call :func:`check_arguments`
+with what they know; values that are rendered later (Jinja, XComArg, mapped) are checked after
+rendering by the operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from airflow_provider_mltrain.operators import _pod_spec as spec
+from gpu_trainer import contract
+
+#: Environment variables the operator owns; set them through its parameters, not env_vars.
+RESERVED_ENV = (
+    contract.ENV_HYPERPARAMETERS,
+    contract.ENV_RESULT_PATH,
+    contract.ENV_CHECKPOINT_DIR,
+    contract.ENV_LINEAGE,
+    contract.ENV_TRACKING_URI,
+    contract.ENV_EXPERIMENT_NAME,
+    contract.ENV_RUN_NAME,
+    *contract.CREDENTIAL_ENV_VARS,
+)
+
+
+def _later(value: Any) -> bool:
+    return spec.is_templated(value)
+
+
+def check_env_vars(env: Any) -> None:
+    """Refuse ``env_vars`` that would override the variables the operator sets from its parameters."""
+    if env is None or _later(env):
+        return
+    names = list(env) if isinstance(env, dict) else [getattr(e, "name", None) for e in env]
+    clash = sorted(set(RESERVED_ENV) & {str(n) for n in names})
+    if clash:
+        raise spec.bad_param(
+            "env_vars",
+            clash,
+            "these variables are set by the operator: use hyperparameters=, mlflow_conn_id=, "
+            "experiment_name=, mlflow_secret=, checkpoint_volume=/checkpoint_uri= instead",
+        )
+
+
+def check_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the operator's arguments present in ``args``; return them normalized.
+
+    Only the keys present are checked (``partial()`` sees a subset), and cross-parameter rules apply
+    when both sides are known. Raises ``ValueError`` naming the parameter, the value and what is allowed.
+
+    :param args: argument name -> value, as passed by the user (or the constructor's defaults)
+    """
+    out = dict(args)
+
+    def known(name: str) -> bool:
+        return name in args and not _later(args[name])
+
+    if known("do_xcom_push") and not args["do_xcom_push"]:
+        raise spec.bad_param(
+            "do_xcom_push",
+            args["do_xcom_push"],
+            "must be True: the trainer's result is this operator's output",
+        )
+    if known("gpus"):
+        out["gpus"] = spec.check_gpus(args["gpus"])
+    if known("gpu_resource"):
+        out["gpu_resource"] = spec.check_resource_name("gpu_resource", args["gpu_resource"])
+    if known("gpu_type_label"):
+        out["gpu_type_label"] = spec.check_label_key("gpu_type_label", args["gpu_type_label"])
+    if known("gpu_type"):
+        out["gpu_type"] = spec.check_gpu_type(args["gpu_type"])
+    for name in ("cpu", "memory"):
+        if known(name):
+            out[name] = spec.check_quantity(name, args[name])
+    shm_size = args.get("shm_size")
+    if known("shm_size") and shm_size is not None and not isinstance(shm_size, bool):
+        spec.check_quantity("shm_size", shm_size)
+    if known("hyperparameters"):
+        spec.check_hyperparameters(args["hyperparameters"])
+    if known("checkpoint_volume"):
+        out["checkpoint_volume"] = spec.check_checkpoint_volume(args["checkpoint_volume"])
+    checkpoint_uri = args.get("checkpoint_uri")
+    if args.get("checkpoint_volume") is not None and checkpoint_uri is not None:
+        raise spec.bad_param(
+            "checkpoint_uri", checkpoint_uri, "set either checkpoint_volume or checkpoint_uri, not both"
+        )
+    if (
+        known("checkpoint_uri")
+        and checkpoint_uri is not None
+        and (not isinstance(checkpoint_uri, str) or not checkpoint_uri.strip())
+    ):
+        raise spec.bad_param("checkpoint_uri", checkpoint_uri, "expected a non-empty path or URI string")
+    for name in ("nproc_per_node", "unschedulable_timeout_seconds"):
+        if known(name):
+            out[name] = spec.check_positive_int(name, args[name])
+    if known("distributed") and not isinstance(args["distributed"], bool):
+        raise spec.bad_param("distributed", args["distributed"], "expected True or False")
+    # Cross-parameter rules only where both sides are known: partial() may leave gpus to expand().
+    if (
+        args.get("distributed") is True
+        and "nproc_per_node" in args
+        and out["nproc_per_node"] is None
+        and ("gpus" in args and out["gpus"] == 0)
+    ):
+        raise spec.bad_param(
+            "distributed",
+            args.get("distributed"),
+            "with gpus=0, set nproc_per_node= (one process per GPU needs GPUs)",
+        )
+    if known("launcher") and args["launcher"] is not None and args["launcher"] not in spec.LAUNCHERS:
+        raise spec.bad_param("launcher", args["launcher"], f"expected one of {list(spec.LAUNCHERS)} or None")
+    grace = args.get("local_kill_grace_seconds")
+    if known("local_kill_grace_seconds"):
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
+            raise spec.bad_param("local_kill_grace_seconds", grace, "expected seconds >= 0")
+        out["local_kill_grace_seconds"] = float(grace)
+    if args.get("container_resources") is not None and (
+        out.get("gpus") or args.get("cpu") is not None or args.get("memory") is not None
+    ):
+        raise spec.bad_param(
+            "container_resources",
+            args["container_resources"],
+            "set either container_resources or gpus=/cpu=/memory=, not both (they would conflict)",
+        )
+    if "env_vars" in args:
+        check_env_vars(args["env_vars"])
+    return out

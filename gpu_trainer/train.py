@@ -7,6 +7,7 @@ holds everything needed to resume exactly, only rank 0 logging and saving, autoc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -200,8 +201,18 @@ def _train(
         batches_per_epoch,
     )
 
+    writer = None
+    if cfg.checkpoint_dir and info.is_main:
+        writer = checkpoint.CheckpointWriter(
+            cfg.checkpoint_dir,
+            keep=cfg.keep_checkpoints,
+            on_saved=lambda path, state: log.info(
+                "checkpoint saved: %s (epoch %d, step %d)", path, state["epoch"], state["global_step"]
+            ),
+        )
+
     def save(epoch: int, step_in_epoch: int, loss_sum: float, count: int) -> None:
-        if not (cfg.checkpoint_dir and info.is_main):
+        if writer is None:
             return
         state = {
             "model": core.state_dict(),
@@ -216,10 +227,7 @@ def _train(
             "config": record,
             "run_id": run_id,
         }
-        path = checkpoint.save_checkpoint(
-            cfg.checkpoint_dir, state, global_step=global_step, keep=cfg.keep_checkpoints
-        )
-        log.info("checkpoint saved: %s (epoch %d, step %d)", path, epoch, global_step)
+        writer.submit(state, global_step=global_step)
 
     last_eval: Evaluation | None = None
     loop_start = time.perf_counter()
@@ -265,11 +273,15 @@ def _train(
                     logits = model(x)
                     loss = F.cross_entropy(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                if scaler.is_enabled():
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:  # three no-op calls per step still cost launch-bound small models time
+                    loss.backward()
+                    optimizer.step()
                 batch = int(y.shape[0])
-                loss_sum += loss.detach().double() * batch
+                loss_sum.add_(loss.detach(), alpha=batch)  # one kernel, no host sync
                 count += batch
                 trained_now += batch
                 step_in_epoch += 1
@@ -339,6 +351,8 @@ def _train(
                     samples_per_s,
                     _fmt_eta(remaining),
                 )
+        if writer is not None:
+            writer.wait()  # the last checkpoint is on disk before the run counts as trained
         loop_seconds = time.perf_counter() - loop_start
 
         if not info.is_main:
@@ -375,6 +389,11 @@ def _train(
             torch.distributed.barrier()
         return TrainOutcome(result=result, loop_seconds=loop_seconds, samples_trained=samples_trained)
     except BaseException:
+        if writer is not None:
+            # Let a checkpoint in flight land: the retry resumes from it. Its own error would only
+            # hide the one being raised.
+            with contextlib.suppress(Exception):
+                writer.wait()
         if tracker is not None:
             tracker.end(status="FAILED")
         raise

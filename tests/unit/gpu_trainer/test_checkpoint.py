@@ -67,3 +67,67 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     runtime.seed_everything(99)
     runtime.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_background_writer_saves_what_was_submitted_not_what_training_did_next(tmp_path):
+    saved: list[tuple[str, int]] = []
+    writer = checkpoint.CheckpointWriter(
+        str(tmp_path), keep=2, on_saved=lambda path, state: saved.append((path, state["epoch"]))
+    )
+    live = _state(1)
+    writer.submit(live, global_step=1)
+    live["model"]["w"].add_(100.0)  # the next optimizer step mutates the live tensors in place
+    live["epoch"] = 99
+    writer.submit(_state(2), global_step=2)
+    writer.submit(_state(3), global_step=3)
+    writer.wait()
+
+    assert [epoch for _, epoch in saved] == [1, 2, 3]  # in order, one at a time
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000000002.pt", "ckpt-000000003.pt"]
+    assert not os.path.exists(saved[0][0])  # pruned (keep=2)
+    path, state = checkpoint.load_latest(str(tmp_path))
+    assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.full((2,), 3.0))
+
+
+def test_background_writer_snapshot_is_isolated_from_later_mutation(tmp_path):
+    writer = checkpoint.CheckpointWriter(str(tmp_path), keep=1)
+    live = _state(7)
+    writer.submit(live, global_step=7)
+    live["model"]["w"].fill_(-1.0)
+    writer.wait()
+    _, state = checkpoint.load_latest(str(tmp_path))
+    assert torch.equal(state["model"]["w"], torch.full((2,), 7.0))
+
+
+def test_background_writer_failure_is_raised_on_the_training_thread(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the checkpoint directory should be")
+    writer = checkpoint.CheckpointWriter(str(blocker), keep=1)
+    writer.submit(_state(1), global_step=1)
+    with pytest.raises(TrainerError, match=r"writing a checkpoint to .*not-a-dir failed"):
+        writer.wait()
+    writer.wait()  # reported once
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_snapshot_reuses_pinned_buffers_and_copies_every_tensor(device):
+    pinned: dict = {}
+    live = {"model": {"w": torch.arange(4.0, device=device)}, "history": [{"loss": 1.0}], "step": 3}
+
+    first = checkpoint.snapshot(live, pinned)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    live["model"]["w"].mul_(10)
+    live["history"].append({"loss": 0.5})
+
+    assert first["model"]["w"].device.type == "cpu"
+    assert first["model"]["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert first["history"] == [{"loss": 1.0}] and first["step"] == 3
+    second = checkpoint.snapshot(live, pinned)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        assert second["model"]["w"].is_pinned() and second["model"]["w"] is first["model"]["w"]
+    assert second["model"]["w"].tolist() == [0.0, 10.0, 20.0, 30.0]

@@ -86,3 +86,20 @@ def test_iterate_batches_in_process_and_with_workers_agree():
     assert all(
         torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(direct, workers, strict=True)
     )
+
+
+@pytest.mark.parametrize(
+    ("n", "world_size", "shuffle"),
+    [(10, 1, True), (10, 3, True), (2, 4, True), (1437, 2, False), (7, 2, True)],
+)
+def test_epoch_indices_equal_distributed_sampler_exactly(n, world_size, shuffle):
+    from torch.utils.data.distributed import DistributedSampler
+
+    for rank in range(world_size):
+        for epoch in (0, 3):
+            sampler = DistributedSampler(
+                range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=11
+            )
+            sampler.set_epoch(epoch)
+            ours = epoch_indices(n, epoch=epoch, seed=11, rank=rank, world_size=world_size, shuffle=shuffle)
+            assert ours.tolist() == list(sampler)

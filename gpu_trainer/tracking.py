@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -118,15 +120,34 @@ class Tracker:
         inputs = example.to("cpu", torch.float32).numpy()
         with torch.no_grad():
             outputs = model(example.to("cpu", torch.float32)).numpy()
-        mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(inputs, outputs),
-            input_example=inputs,
-            # Explicit requirements skip MLflow's slow import-tracing inference of the environment.
-            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-        )
+        # The model is exported (torch.export) on the CPU, so it loads on any machine. MLflow validates the
+        # input example by loading it on its default device, CUDA when present, where a CPU export cannot
+        # go: point that check at the CPU for the duration of the call.
+        with _environ(MLFLOW_DEFAULT_PREDICTION_DEVICE="cpu"):
+            mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=infer_signature(inputs, outputs),
+                input_example=inputs,
+                # Explicit requirements skip MLflow's slow import-tracing inference of the environment.
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+            )
         return f"runs:/{self.run_id}/model"
 
     def end(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for a block, then restore them exactly."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old

@@ -268,12 +268,24 @@ def test_image_pull_error_deferrable(mocker):
         op.trigger_reentry(context, event)
 
 
-def test_unschedulable_gpu_fails_fast(mocker):
-    """Insufficient GPUs: fail after unschedulable_timeout_seconds, not the (long) schedule timeout."""
-    op = make_op(
+def fake_clock(mocker, step: int = 1) -> None:
+    """A monotonic clock that advances ``step`` seconds per reading, and sleeps that return at once."""
+    clock = iter(range(0, 10_000, step))
+    mocker.patch(
+        "airflow_provider_mltrain.operators.gpu_training.time.monotonic", side_effect=lambda: next(clock)
+    )
+    mocker.patch("airflow_provider_mltrain.operators.gpu_training.time.sleep")
+
+
+def test_unschedulable_gpu_fails_fast(mocker, mode):
+    """Insufficient GPUs: fail after unschedulable_timeout_seconds, not the (long) schedule timeout. In
+    deferrable mode the worker watches scheduling before it defers, so the trigger never gets the pod."""
+    op = deferrable_op(
+        mode,
         gpus=8,
         startup_timeout_seconds=3600,
-        unschedulable_timeout_seconds=1,
+        schedule_timeout_seconds=3600,
+        unschedulable_timeout_seconds=5,
         startup_check_interval_seconds=0,
     )
     pending = status_pod(
@@ -282,16 +294,15 @@ def test_unschedulable_gpu_fails_fast(mocker):
         exit_code=None,
     )
     cluster = FakeCluster(op, mocker, final=pending, xcom=None)
-    clock = iter(range(0, 10_000, 1))
-    mocker.patch(
-        "airflow_provider_mltrain.operators.gpu_training.time.monotonic", side_effect=lambda: next(clock)
-    )
-    mocker.patch("airflow_provider_mltrain.operators.gpu_training.time.sleep")
+    fake_clock(mocker)
+
     with pytest.raises(
         GPUTrainingFailure, match=r"(?s)cannot be scheduled.*no node has 8 free 'nvidia.com/gpu'"
     ):
-        op.execute(make_context())
+        op.execute(make_context())  # the failure itself, not TaskDeferred
+
     cluster.pm.await_pod_start.assert_not_called()  # never went into KPO's long wait
+    cluster.pm.delete_pod.assert_called_once()
 
 
 def test_unschedulable_waits_while_autoscaler_scales_up(mocker):
@@ -306,39 +317,8 @@ def test_unschedulable_waits_while_autoscaler_scales_up(mocker):
     cluster.pm.read_pod_events.return_value = mock.MagicMock(
         items=[mock.MagicMock(reason="TriggeredScaleUp")]
     )
-    clock = iter(range(0, 10_000, 5))
-    mocker.patch(
-        "airflow_provider_mltrain.operators.gpu_training.time.monotonic", side_effect=lambda: next(clock)
-    )
-    mocker.patch("airflow_provider_mltrain.operators.gpu_training.time.sleep")
+    fake_clock(mocker, step=5)
     assert op.execute(make_context()) == RESULT
-
-
-def test_unschedulable_gpu_fails_before_deferring_and_deletes_the_pod(mocker):
-    """Deferrable: the worker watches scheduling first, so an impossible request never reaches the trigger."""
-    op = make_op(
-        deferrable=True,
-        gpus=8,
-        schedule_timeout_seconds=3600,
-        unschedulable_timeout_seconds=5,
-        startup_check_interval_seconds=0,
-    )
-    pending = status_pod(
-        phase="Pending",
-        unschedulable="0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
-        exit_code=None,
-    )
-    cluster = FakeCluster(op, mocker, final=pending, xcom=None)
-    clock = iter(range(0, 10_000, 1))
-    mocker.patch(
-        "airflow_provider_mltrain.operators.gpu_training.time.monotonic", side_effect=lambda: next(clock)
-    )
-    mocker.patch("airflow_provider_mltrain.operators.gpu_training.time.sleep")
-
-    with pytest.raises(GPUTrainingFailure, match=r"(?s)cannot be scheduled.*no node has 8 free"):
-        op.execute(make_context())  # raises the failure, not TaskDeferred
-
-    cluster.pm.delete_pod.assert_called_once()
 
 
 def test_deferrable_defers_at_once_while_the_autoscaler_adds_a_node(mocker):

@@ -7,15 +7,19 @@ what was trained on.
 
 The loop never blocks: S3 goes through one shared aiobotocore client per connection (see
 :mod:`airflow_provider_mltrain.triggers.s3_client_pool`), local listings run in ``asyncio.to_thread``.
+The triggers of one triggerer poll on a shared clock and list through one coordinator per event loop
+(:mod:`airflow_provider_mltrain.triggers.listing_coordinator`), which answers many datasets under a
+common prefix with one listing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import re
-import weakref
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,6 +27,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_mltrain.triggers.listing_coordinator import coordinator
 
 SUPPORTED_SCHEMES = ("s3", "file")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -43,6 +49,10 @@ _TRANSIENT_S3_CODES = frozenset(
         "504",
     }
 )
+
+
+#: Keys per ListObjectsV2 page (S3's maximum is 1,000); see list_s3_prefix.
+LIST_PAGE_SIZE = 250
 
 
 class DatasetError(Exception):
@@ -69,8 +79,9 @@ class DatasetLocation:
     pattern: str
     root: str
 
-    @property
+    @functools.cached_property
     def regex(self) -> re.Pattern[str]:
+        # Cached per location: re's own cache holds 512 patterns, and a triggerer polls 1,000 datasets.
         return _pattern_regex(self.pattern)
 
     def object_uri(self, key: str) -> str:
@@ -212,7 +223,8 @@ class ObjectInfo:
     etag: str | None = None
 
 
-def _list_local_blocking(location: DatasetLocation) -> list[ObjectInfo]:
+def list_local_blocking(location: DatasetLocation) -> list[ObjectInfo]:
+    """Every file under ``location.root`` that matches (or is in the marker directory); blocking."""
     regex = location.regex
     found: list[ObjectInfo] = []
     root = location.root.rstrip("/") or "/"
@@ -235,11 +247,32 @@ def _list_local_blocking(location: DatasetLocation) -> list[ObjectInfo]:
 
 async def list_local(location: DatasetLocation) -> list[ObjectInfo]:
     """Every file under ``location.root`` that matches (or is in the marker directory), off the loop."""
-    return await asyncio.to_thread(_list_local_blocking, location)
+    return await asyncio.to_thread(list_local_blocking, location)
+
+
+def listing_prefix(location: DatasetLocation) -> str:
+    """The S3 prefix to list for ``location``: its fixed part before any glob character."""
+    return location.root if _GLOB_CHARS.search(location.pattern) else location.pattern
 
 
 async def list_s3(client: Any, location: DatasetLocation) -> list[ObjectInfo]:
-    """Every object under ``location.root`` (one paginated ListObjectsV2), classifying failures."""
+    """Every object under ``location``'s prefix (one paginated ListObjectsV2), classifying failures."""
+    objects, _truncated, _pages = await list_s3_prefix(client, location.bucket, listing_prefix(location))
+    return objects
+
+
+async def list_s3_prefix(
+    client: Any, bucket: str, prefix: str, max_pages: int | None = None
+) -> tuple[list[ObjectInfo], bool, int]:
+    """List ``prefix`` in ``bucket`` in key order; returns ``(objects, truncated, pages fetched)``.
+
+    :param client: an aiobotocore S3 client.
+    :param bucket: the bucket.
+    :param prefix: the key prefix.
+    :param max_pages: stop after this many pages (``truncated`` then says whether keys remain).
+    :raises DatasetError: permanent (missing bucket, access denied, no credentials).
+    :raises TransientDatasetError: 5xx, throttling, connection problems.
+    """
     from botocore.exceptions import (
         ClientError,
         ConnectionClosedError,
@@ -249,11 +282,16 @@ async def list_s3(client: Any, location: DatasetLocation) -> list[ObjectInfo]:
         ReadTimeoutError,
     )
 
-    prefix = location.root if _GLOB_CHARS.search(location.pattern) else location.pattern
     found: list[ObjectInfo] = []
+    pages = 0
+    truncated = False
     try:
         paginator = client.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=location.bucket, Prefix=prefix):
+        # Small pages: botocore parses each response on the event loop, ~0.15 ms per key, so a
+        # 1,000-key page would stall every other trigger for ~150 ms.
+        pagination = {"PageSize": LIST_PAGE_SIZE}
+        async for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig=pagination):
+            pages += 1
             for row in page.get("Contents", ()):
                 etag = row.get("ETag")
                 found.append(
@@ -261,19 +299,22 @@ async def list_s3(client: Any, location: DatasetLocation) -> list[ObjectInfo]:
                         row["Key"], int(row["Size"]), row["LastModified"], etag.strip('"') if etag else None
                     )
                 )
+            if max_pages is not None and pages >= max_pages and page.get("IsTruncated"):
+                truncated = True
+                break
     except ClientError as e:
         code = str(e.response.get("Error", {}).get("Code", ""))
         status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         if code == "NoSuchBucket":
-            raise DatasetError(f"S3 bucket {location.bucket!r} does not exist.") from e
+            raise DatasetError(f"S3 bucket {bucket!r} does not exist.") from e
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
-            raise DatasetError(f"S3 refused to list s3://{location.bucket}/{prefix} ({code}): {e}") from e
+            raise DatasetError(f"S3 refused to list s3://{bucket}/{prefix} ({code}): {e}") from e
         if code in _TRANSIENT_S3_CODES or status >= 500 or status == 429:
             raise TransientDatasetError(f"S3 {code or status}: {e}") from e
-        raise DatasetError(f"S3 error listing s3://{location.bucket}/{prefix}: {e}") from e
+        raise DatasetError(f"S3 error listing s3://{bucket}/{prefix}: {e}") from e
     except (NoCredentialsError, PartialCredentialsError) as e:
         raise DatasetError(
-            f"No usable AWS credentials to list s3://{location.bucket}/ ({e}); set login/password or "
+            f"No usable AWS credentials to list s3://{bucket}/ ({e}); set login/password or "
             "a role in the Airflow connection, or provide credentials in the environment."
         ) from e
     except (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectionError) as e:
@@ -284,7 +325,7 @@ async def list_s3(client: Any, location: DatasetLocation) -> list[ObjectInfo]:
         if type(e).__module__.startswith("aiohttp"):
             raise TransientDatasetError(f"{type(e).__name__}: {e}") from e
         raise
-    return found
+    return found, truncated, pages
 
 
 @dataclass(frozen=True)
@@ -338,21 +379,16 @@ def evaluate(location: DatasetLocation, objects: list[ObjectInfo], criteria: Cri
     }
 
 
-#: Listings in flight at once per event loop, across all DatasetTriggers. Building and signing a request
-#: is ~1 ms of synchronous CPU; a thousand triggers waking together (after a triggerer restart they all
-#: start at once) would otherwise do it all in one loop iteration and stall the loop for seconds.
-MAX_CONCURRENT_LISTINGS = 16
-_LIMITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-    weakref.WeakKeyDictionary()
-)
+def _until_next_tick(poke_interval: float) -> float:
+    """Seconds until the next multiple of ``poke_interval`` on the wall clock.
 
-
-def _listing_limiter() -> asyncio.Semaphore:
-    loop = asyncio.get_running_loop()
-    limiter = _LIMITERS.get(loop)
-    if limiter is None:
-        limiter = _LIMITERS[loop] = asyncio.Semaphore(MAX_CONCURRENT_LISTINGS)
-    return limiter
+    Triggers with the same interval then poll at the same instants, whenever each started, so the
+    listing coordinator can answer a whole cycle with few requests. A trigger still polls at least
+    once per interval.
+    """
+    if poke_interval <= 0:
+        return 0.0
+    return poke_interval - (time.time() % poke_interval)
 
 
 class DatasetTrigger(BaseTrigger):
@@ -437,9 +473,12 @@ class DatasetTrigger(BaseTrigger):
                 # One client per trigger run (shared with the other triggers of this connection),
                 # never one per poll.
                 async with shared_s3_client(self.aws_conn_id, self.region_name) as client:
-                    event = await self._wait(lambda: list_s3(client, self.location))
+                    prefix = listing_prefix(self.location)
+                    event = await self._wait(
+                        lambda: coordinator().list_s3(client, self.location.bucket, prefix)
+                    )
             else:
-                event = await self._wait(lambda: list_local(self.location))
+                event = await self._wait(lambda: coordinator().list_local(self.location))
         except Exception as e:
             event = self._error(f"{type(e).__name__}: {e}", e)
         yield TriggerEvent(event)
@@ -449,8 +488,7 @@ class DatasetTrigger(BaseTrigger):
         summary: dict[str, Any] | None = None
         while True:
             try:
-                async with _listing_limiter():
-                    objects = await lister()
+                objects = await lister()
                 summary = evaluate(self.location, objects, self.criteria)
                 failures = 0
             except DatasetError as e:
@@ -476,7 +514,7 @@ class DatasetTrigger(BaseTrigger):
             if self._expired():
                 return self._timeout(summary)
             self.log.debug("Dataset %s not complete: %s", self.uri, ", ".join(summary["missing"]))
-            await asyncio.sleep(self._until_deadline(self.poke_interval))
+            await asyncio.sleep(self._until_deadline(_until_next_tick(self.poke_interval)))
 
     def _until_deadline(self, delay: float) -> float:
         if self._deadline is None:

@@ -140,3 +140,47 @@ async def test_triggers_share_one_client_per_connection(s3_server, s3_conn, buck
     events = await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert [e.payload["status"] for e in events] == ["success"] * 20
     assert s3_client_pool.open_client_count() == 0  # the last trigger out closed it
+
+
+async def test_sibling_datasets_are_polled_with_one_listing_per_cycle(s3_server, s3_conn, bucket):
+    """50 triggers under one parent prefix: a poll cycle costs one ListObjectsV2, not fifty."""
+    from airflow_provider_mltrain.triggers.listing_coordinator import coordinator
+
+    with FlakyProxy(s3_server.endpoint_url, failures=0) as proxy:
+        conn_id = s3_conn("counted_s3", proxy.endpoint_url)
+        triggers = [
+            DatasetTrigger(
+                uri=f"s3://{bucket}/daily/ds-{i:02d}/",
+                aws_conn_id=conn_id,
+                success_marker="_SUCCESS",
+                poke_interval=0.5,
+            )
+            for i in range(50)
+        ]
+        tasks = [asyncio.create_task(anext(t.run())) for t in triggers]
+        await asyncio.sleep(1.6)  # the immediate first poll plus about three aligned cycles
+        assert not any(t.done() for t in tasks)
+        waiting_requests = proxy.requests
+        for i in range(50):
+            await _put(s3_server, bucket, f"daily/ds-{i:02d}/part-0.parquet")
+            await _put(s3_server, bucket, f"daily/ds-{i:02d}/_SUCCESS", b"")
+        events = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    assert [e.payload["status"] for e in events] == ["success"] * 50
+    assert [e.payload["objects"][0]["uri"] for e in events] == [
+        f"s3://{bucket}/daily/ds-{i:02d}/part-0.parquet" for i in range(50)
+    ]
+    # 50 triggers x 4 polls would be 200 requests listed one by one.
+    assert waiting_requests <= 8, waiting_requests
+    stats = coordinator()
+    assert stats.s3_requests >= 200 and stats.s3_calls < stats.s3_requests / 10
+
+
+async def test_missing_bucket_reaches_every_coalesced_trigger(s3_conn):
+    conn_id = s3_conn()
+    triggers = [
+        DatasetTrigger(uri=f"s3://no-such-bucket-mltrain/d{i}/", aws_conn_id=conn_id) for i in range(5)
+    ]
+    events = await asyncio.wait_for(asyncio.gather(*(anext(t.run()) for t in triggers)), 10)
+    assert [e.payload["status"] for e in events] == ["error"] * 5
+    assert all("does not exist" in e.payload["message"] for e in events)

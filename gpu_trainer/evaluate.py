@@ -19,7 +19,7 @@ import torch
 
 from gpu_trainer import contract, runtime
 from gpu_trainer.data import load_holdout
-from gpu_trainer.errors import TrainerError, one_line
+from gpu_trainer.errors import TrainerError, run_cli
 from gpu_trainer.metrics import evaluate
 
 log = logging.getLogger("gpu_trainer")
@@ -114,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     :param argv: arguments without the program name.
     """
     runtime.setup_logging(runtime.DistInfo())
-    try:
+
+    def command() -> None:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         evaluate_model(
             args.model_uri,
@@ -125,10 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             device=args.device,
         )
-    except (TrainerError, contract.ContractError) as err:
-        print(f"gpu_trainer: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(command)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from gpu_trainer import checkpoint, contract, runtime
 from gpu_trainer.config import TrainConfig, resolve_config
 from gpu_trainer.data import Dataset, Split, epoch_indices, iterate_batches, load_dataset, pin
-from gpu_trainer.errors import TrainerError, one_line
+from gpu_trainer.errors import TrainerError, run_cli
 from gpu_trainer.metrics import Evaluation, evaluate
 from gpu_trainer.models import build_model
 
@@ -404,13 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     :param argv: arguments without the program name; ``sys.argv[1:]`` when None.
     """
-    try:
-        cfg = resolve_config(sys.argv[1:] if argv is None else argv, os.environ)
-        train(cfg)
-    except (TrainerError, contract.ContractError) as err:
-        print(f"gpu_trainer: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: train(resolve_config(sys.argv[1:] if argv is None else argv, os.environ)))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ class DatasetError(Exception):
     """A permanent problem (missing bucket, missing credentials, ...): waiting longer will not help."""
 
 
+class ListingDeniedError(DatasetError):
+    """S3 answered AccessDenied for one prefix: a policy may still allow listing a narrower one."""
+
+
 class TransientDatasetError(Exception):
     """A problem worth retrying (5xx, throttling, connection reset)."""
 
@@ -307,7 +311,9 @@ async def list_s3_prefix(
         status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         if code == "NoSuchBucket":
             raise DatasetError(f"S3 bucket {bucket!r} does not exist.") from e
-        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+        if code == "AccessDenied":
+            raise ListingDeniedError(f"S3 refused to list s3://{bucket}/{prefix} ({code}): {e}") from e
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
             raise DatasetError(f"S3 refused to list s3://{bucket}/{prefix} ({code}): {e}") from e
         if code in _TRANSIENT_S3_CODES or status >= 500 or status == 429:
             raise TransientDatasetError(f"S3 {code or status}: {e}") from e

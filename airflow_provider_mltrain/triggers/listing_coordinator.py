@@ -19,7 +19,7 @@ How:
   prefixes, resolved the same way. The (bucket, LCP) is remembered as too large for a while, so later
   cycles split at once. A listing is never handed out as complete unless it is.
 * Errors of a shared listing reach every request of the group, so each trigger keeps its own retries.
-  A permanent error on a coalesced prefix (say an IAM policy that allows listing only below each
+  AccessDenied on a coalesced prefix (say an IAM policy that allows listing only below each
   dataset's own prefix) splits the group instead: the individual listings then report their own
   outcome.
 * Local listings of one window run in one worker thread (one ``asyncio.to_thread`` instead of one per
@@ -169,13 +169,14 @@ class ListingCoordinator:
         if self._is_oversized(bucket, lcp):
             await self._split(client, bucket, requests, lcp)
             return
-        from airflow_provider_mltrain.triggers.dataset import DatasetError
+        from airflow_provider_mltrain.triggers.dataset import ListingDeniedError
 
         budget = max(1, len(prefixes) // REQUESTS_PER_PAGE)
         try:
             objects, truncated = await self._list(client, bucket, lcp, budget)
-        except DatasetError:
+        except ListingDeniedError:
             # Possibly only the shared prefix is refused (prefix-scoped IAM policies): list each part.
+            # A missing bucket or bad credentials fail every part alike, so those go to all at once.
             self._oversized[(bucket, lcp)] = time.monotonic() + OVERSIZED_TTL_S
             await self._split(client, bucket, requests, lcp)
             return

@@ -7,7 +7,12 @@ from datetime import datetime, timezone
 
 import pytest
 
-from airflow_provider_mltrain.triggers.dataset import DatasetError, ObjectInfo, TransientDatasetError
+from airflow_provider_mltrain.triggers.dataset import (
+    DatasetError,
+    ListingDeniedError,
+    ObjectInfo,
+    TransientDatasetError,
+)
 from airflow_provider_mltrain.triggers.listing_coordinator import REQUESTS_PER_PAGE, ListingCoordinator
 
 pytestmark = pytest.mark.anyio
@@ -32,7 +37,7 @@ class FakeBucket:
         if self.error is not None:
             raise self.error
         if self.refuse_below is not None and len(prefix) < self.refuse_below:
-            raise DatasetError(f"S3 refused to list s3://{bucket}/{prefix} (AccessDenied)")
+            raise ListingDeniedError(f"S3 refused to list s3://{bucket}/{prefix} (AccessDenied)")
         matching = [k for k in self.keys if k.startswith(prefix)]
         pages = max(1, -(-len(matching) // self.page_size))
         truncated = False
@@ -100,14 +105,17 @@ async def test_prefix_scoped_access_denied_falls_back_to_individual_listings():
     assert bucket.calls[0] == ("team-", 1)
 
 
-async def test_errors_reach_every_request_of_the_group():
+@pytest.mark.parametrize(
+    "error", [TransientDatasetError("S3 SlowDown"), DatasetError("S3 bucket 'bkt' does not exist.")]
+)
+async def test_errors_reach_every_request_of_the_group_with_one_call(error):
     bucket = FakeBucket(["d/1"])
-    bucket.error = TransientDatasetError("S3 SlowDown")
+    bucket.error = error
     coordinator = ListingCoordinator(bucket.list_prefix)
 
     results = await _ask(coordinator, ["d/1", "d/2", "d/3"])
 
-    assert all(isinstance(r, TransientDatasetError) for r in results)
+    assert all(r is error for r in results)
     assert len(bucket.calls) == 1
 
 

@@ -502,10 +502,12 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             else:
                 now = time.monotonic()
                 first_seen = now if first_seen is None else first_seen
-                scaling_up = self._scaling_up(pod)
+                expired = now - first_seen >= self.unschedulable_timeout_seconds
+                # Reading events is another API call: only when its answer changes what happens next.
+                scaling_up = (before_deferral or expired) and self._scaling_up(pod)
                 if scaling_up and before_deferral:
                     return  # a node is on its way: wait for it on the triggerer, not on a worker
-                if now - first_seen >= self.unschedulable_timeout_seconds and not scaling_up:
+                if expired and not scaling_up:
                     self._startup_failure = GPUTrainingFailure(
                         explain_unschedulable(message, self._triage_context())
                         + f"\n(gave up after {self.unschedulable_timeout_seconds}s unschedulable; "

@@ -277,7 +277,7 @@ def _train(
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
-                else:  # three no-op calls per step still cost launch-bound small models time
+                else:  # the scaler is off: its three no-op calls per step still cost launch-bound models time
                     loss.backward()
                     optimizer.step()
                 batch = int(y.shape[0])

@@ -256,9 +256,16 @@ def checkpoint_suffix(dag_id: str, task_id: str, run_id: str, map_index: int | N
     return "/".join(path_segment(p) for p in parts)
 
 
-def run_name(dag_id: str, task_id: str, map_index: int | None) -> str:
+def run_name(dag_id: str, task_id: str, map_index: int | None, dag_run_id: str | None = None) -> str:
+    """The MLflow run name: ``<dag_id>.<task_id>[.<map_index>]@<dag run id>``.
+
+    The DAG run id makes it unique across runs of the DAG; without it every daily run's trials would
+    share the same few names in the MLflow UI.
+    """
     name = f"{dag_id}.{task_id}"
-    return f"{name}.{map_index}" if map_index is not None and map_index >= 0 else name
+    if map_index is not None and map_index >= 0:
+        name = f"{name}.{map_index}"
+    return f"{name}@{dag_run_id}" if dag_run_id else name
 
 
 def secret_env(secret_name: str, env_names: Sequence[str]) -> list[k8s.V1EnvVar]:

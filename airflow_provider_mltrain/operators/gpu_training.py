@@ -410,6 +410,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 lineage.get("dag_id", self.dag_id if self.has_dag() else "dag"),
                 self.task_id,
                 lineage.get("map_index"),
+                lineage.get("run_id"),
             ),
         }
         if self.mlflow_conn_id:

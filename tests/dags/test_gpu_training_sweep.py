@@ -86,7 +86,7 @@ def test_sweep_with_expand_on_local_launcher(airflow_db, trainer, tmp_path, monk
         r = by_lr[hp["lr"]]
         assert r["metrics"]["val_accuracy"] == pytest.approx(1.0 - hp["lr"])
         assert r["run_id"] == f"run-{index}"
-        assert r["params"]["run_name"] == f"gpu_sweep.train.{index}"
+        assert r["params"]["run_name"] == f"gpu_sweep.train.{index}@{dag_run.run_id}"
         assert r["params"]["ckpt"].startswith(str(tmp_path / "ckpt" / "gpu_sweep" / "train"))
         assert r["params"]["ckpt"].endswith(f"map_{index}")
         assert r["resumed_from_epoch"] is None

@@ -111,7 +111,8 @@ def test_cpu_only_pod_is_valid_and_restricted(k8s_hook):
         "map_index": -1,
         "try_number": 1,
     }
-    assert env[contract.ENV_RUN_NAME] == "train_dag.train"
+    # Unique per DAG run: the same trial of two daily runs gets two names in the MLflow UI.
+    assert env[contract.ENV_RUN_NAME] == f"train_dag.train@{RUN_ID}"
 
 
 def test_one_gpu_pod(k8s_hook):
@@ -186,7 +187,7 @@ def test_eight_gpus_torchrun_gpu_type_list_pvc_secret(k8s_hook, airflow_conn):
     assert env[contract.ENV_CHECKPOINT_DIR] == "/ckpt/train_dag/train/manual__2026-01-01T00_00_00_00_00/map_3"
     assert env[contract.ENV_TRACKING_URI] == "http://mlflow.internal:5000"
     assert env[contract.ENV_EXPERIMENT_NAME] == "digits"
-    assert env[contract.ENV_RUN_NAME] == "train_dag.train.3"
+    assert env[contract.ENV_RUN_NAME] == f"train_dag.train.3@{RUN_ID}"
     assert json.loads(env[contract.ENV_LINEAGE])["try_number"] == 2
     for name in contract.CREDENTIAL_ENV_VARS:
         assert env[name] == {"secretKeyRef": {"name": "mlflow-creds", "key": name, "optional": True}}

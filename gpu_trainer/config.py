@@ -1,9 +1,11 @@
 """The trainer's typed configuration and how it is resolved.
 
 Every option comes, in order of precedence, from its command-line flag, from the contract's environment
-(``MLTRAIN_HYPERPARAMETERS`` keyed by the flag name with underscores, then the dedicated variables such as
-``MLTRAIN_RESULT_PATH``), then from its default. Unknown flags and unknown hyperparameter keys are errors:
-a typo must not silently train with a default.
+(``MLTRAIN_HYPERPARAMETERS`` keyed by the flag name with underscores), then from its default. Locations and
+run naming (``output``, ``checkpoint_dir``, ``experiment``, ``run_name``) are not hyperparameters: they come
+from their flag or their dedicated variable (``MLTRAIN_RESULT_PATH`` ...), and a hyperparameter of that name
+is an error, so it can never move the result away from where the operator reads it. Unknown flags and
+unknown hyperparameter keys are errors: a typo must not silently train with a default.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ HELP = {
     "device": "auto, cpu or cuda; default: auto",
 }
 
-#: Fields with a dedicated contract variable, consulted after MLTRAIN_HYPERPARAMETERS.
+#: Fields with a dedicated contract variable, consulted when their flag is not given (never hyperparameters).
 ENV_FALLBACKS = {
     "output": contract.ENV_RESULT_PATH,
     "checkpoint_dir": contract.ENV_CHECKPOINT_DIR,
@@ -262,6 +264,13 @@ def resolve_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Tr
         hyperparameters = contract.parse_hyperparameters(environ.get(contract.ENV_HYPERPARAMETERS))
     except contract.ContractError as err:
         raise TrainerError(str(err)) from err
+    try:
+        contract.check_reserved_hyperparameters(hyperparameters)
+    except contract.ContractError as err:
+        flags = [f"--{name.replace('_', '-')}" for name in sorted(contract.RESERVED_HYPERPARAMETERS)]
+        raise TrainerError(
+            f"{contract.ENV_HYPERPARAMETERS}: {err}; running the trainer by hand, use {'/'.join(flags)}"
+        ) from err
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(hyperparameters) - known)
     if unknown:

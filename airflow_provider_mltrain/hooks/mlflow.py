@@ -10,7 +10,7 @@ import functools
 import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from airflow.exceptions import AirflowException
 from airflow.sdk.bases.hook import BaseHook
@@ -19,6 +19,7 @@ from airflow.sdk.bases.hook import BaseHook
 from airflow_provider_mltrain.hooks._mlflow_registry import MLflowRegistryError as MLflowRegistryError
 from airflow_provider_mltrain.hooks._mlflow_registry import MLflowRegistryMixin
 from airflow_provider_mltrain.hooks._mlflow_registry import ModelSource as ModelSource
+from gpu_trainer import contract
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -168,10 +169,25 @@ class MLflowHook(MLflowRegistryMixin, BaseHook):
                 f"AIRFLOW_CONN_{self.mlflow_conn_id.upper()}='mlflow://...' (see the README)"
             ) from err
         extra = conn.extra_dejson
-        tracking_uri = self._tracking_uri(conn.host or "", conn.schema, conn.port)
+        tracking_uri, url_login, url_password = self._tracking_uri(conn.host or "", conn.schema, conn.port)
+        login, password = conn.login or None, conn.password or None
+        if url_login or url_password:
+            if login or password:
+                raise MLflowConnectionError(
+                    f"MLflow connection {self.mlflow_conn_id!r}: host {tracking_uri!r} carries credentials "
+                    "(user:password@) and login/password are set too; keep them in login/password only"
+                )
+            # Credentials in the URL are used as login/password, so the tracking URI that reaches pod
+            # specs, child environments, logs, XCom and links never carries them.
+            login, password = url_login, url_password
+            self.log.warning(
+                "MLflow connection %r: credentials in the host URL are used as login/password; move them "
+                "into the connection's login/password fields",
+                self.mlflow_conn_id,
+            )
         token = extra.get("token") or None
         # Registered so a value that reaches a log line is printed as '***'.
-        for secret in (conn.password, token):
+        for secret in (password, token):
             if secret:
                 self._mask(secret)
         insecure = extra.get("insecure", False)
@@ -183,18 +199,20 @@ class MLflowHook(MLflowRegistryMixin, BaseHook):
                 f"MLflow connection {self.mlflow_conn_id!r}: extras 'insecure' and 'ca_bundle' exclude "
                 "each other; set one"
             )
-        if token and (conn.login or conn.password):
+        if token and (login or password):
             raise MLflowConnectionError(
                 f"MLflow connection {self.mlflow_conn_id!r}: set either login/password or the 'token' "
                 "extra, not both"
             )
         registry_uri = extra.get("registry_uri") or tracking_uri
+        for field in ("registry_uri", "ui_url"):
+            self._refuse_url_credentials(field, extra.get(field) or "")
         self._check_uri("registry_uri", registry_uri)
         return {
             "tracking_uri": tracking_uri,
             "registry_uri": registry_uri,
-            "username": conn.login or None,
-            "password": conn.password or None,
+            "username": login,
+            "password": password,
             "token": token,
             "insecure": bool(insecure),
             "ca_bundle": ca_bundle,
@@ -203,7 +221,10 @@ class MLflowHook(MLflowRegistryMixin, BaseHook):
             ),
         }
 
-    def _tracking_uri(self, host: str, schema: str | None, port: int | None) -> str:
+    def _tracking_uri(
+        self, host: str, schema: str | None, port: int | None
+    ) -> tuple[str, str | None, str | None]:
+        """The tracking URI without credentials, and the user and password the URL carried (if any)."""
         host = host.strip()
         if not host:
             raise MLflowConnectionError(
@@ -215,8 +236,29 @@ class MLflowHook(MLflowRegistryMixin, BaseHook):
             # "schema" then carries the scheme the user meant; http unless told otherwise.
             scheme = schema if schema in REMOTE_SCHEMES else "http"
             host = f"{scheme}://{host}" + (f":{port}" if port else "")
+        login, password = None, None
+        parts = urlsplit(host)
+        if parts.scheme in REMOTE_SCHEMES and "@" in parts.netloc:
+            userinfo, _, hostport = parts.netloc.rpartition("@")
+            raw_login, _, raw_password = userinfo.partition(":")
+            login, password = unquote(raw_login) or None, unquote(raw_password) or None
+            # Masked before any message can quote the host; both spellings may reach a log line.
+            for secret in {password, raw_password} - {None, ""}:
+                self._mask(str(secret))
+            host = urlunsplit(parts._replace(netloc=hostport))
         self._check_uri("host", host)
-        return host.rstrip("/")
+        return host.rstrip("/"), login, password
+
+    def _refuse_url_credentials(self, field: str, uri: str) -> None:
+        parts = urlsplit(uri.strip())
+        if parts.scheme in REMOTE_SCHEMES and "@" in parts.netloc:
+            userinfo, _, hostport = parts.netloc.rpartition("@")
+            self._mask(userinfo.partition(":")[2])
+            safe = urlunsplit(parts._replace(netloc=f"***@{hostport}"))
+            raise MLflowConnectionError(
+                f"MLflow connection {self.mlflow_conn_id!r}: extra {field!r} ({safe}) carries credentials; "
+                "remove them from the URL (the connection's login/password are used for every URI)"
+            )
 
     def _check_uri(self, field: str, uri: str) -> None:
         parts = urlsplit(uri)
@@ -301,19 +343,20 @@ class MLflowHook(MLflowRegistryMixin, BaseHook):
         Meant for a subprocess's ``env`` only; never merged into this process's ``os.environ``.
         """
         s = self._settings
-        env = {"MLFLOW_TRACKING_URI": s["tracking_uri"]}
+        # The contract's names: contract.trainer_environment accepts exactly these.
+        env = {contract.ENV_TRACKING_URI: s["tracking_uri"]}
         if s["registry_uri"] != s["tracking_uri"]:
-            env["MLFLOW_REGISTRY_URI"] = s["registry_uri"]
+            env[contract.ENV_REGISTRY_URI] = s["registry_uri"]
         if s["username"]:
-            env["MLFLOW_TRACKING_USERNAME"] = s["username"]
+            env[contract.ENV_TRACKING_USERNAME] = s["username"]
         if s["password"]:
-            env["MLFLOW_TRACKING_PASSWORD"] = s["password"]
+            env[contract.ENV_TRACKING_PASSWORD] = s["password"]
         if s["token"]:
-            env["MLFLOW_TRACKING_TOKEN"] = s["token"]
+            env[contract.ENV_TRACKING_TOKEN] = s["token"]
         if s["insecure"]:
-            env["MLFLOW_TRACKING_INSECURE_TLS"] = "true"
+            env[contract.ENV_TRACKING_INSECURE_TLS] = "true"
         if s["ca_bundle"]:
-            env["MLFLOW_TRACKING_SERVER_CERT_PATH"] = s["ca_bundle"]
+            env[contract.ENV_TRACKING_SERVER_CERT_PATH] = s["ca_bundle"]
         return env
 
     # -- checks ------------------------------------------------------------------------------------

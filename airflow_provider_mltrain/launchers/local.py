@@ -18,12 +18,17 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gpu_trainer import contract
+
 #: Seconds between SIGTERM and SIGKILL: time for the trainer to save a checkpoint.
 DEFAULT_KILL_GRACE_S = 10.0
 #: Environment variables of the worker that never reach the trainer: other connections and variables,
 #: Airflow settings (database URL, fernet and JWT keys) and the worker's own MLflow credentials. The
 #: trainer never imports Airflow, and it gets this task's MLflow connection only.
 _WITHHELD_PREFIXES = ("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_", "_AIRFLOW", "MLFLOW_TRACKING_")
+#: The worker's own values of the contract's variables (e.g. an MLFLOW_EXPERIMENT_NAME of the worker):
+#: the trainer gets this task's, from contract.trainer_environment, or none.
+_WITHHELD_NAMES = frozenset((*contract.TRAINER_ENV_VARS, *contract.MLFLOW_CLIENT_ENV_VARS))
 
 
 class LocalTrainerTimeout(TimeoutError):
@@ -54,7 +59,11 @@ def child_environment(
     :param base: the environment to start from; ``os.environ`` when None.
     """
     source = os.environ if base is None else base
-    env = {key: value for key, value in source.items() if not key.startswith(_WITHHELD_PREFIXES)}
+    env = {
+        key: value
+        for key, value in source.items()
+        if not key.startswith(_WITHHELD_PREFIXES) and key not in _WITHHELD_NAMES
+    }
     env.update(contract_env)
     # Line-buffered output so the task log follows the trainer as it goes.
     env.setdefault("PYTHONUNBUFFERED", "1")

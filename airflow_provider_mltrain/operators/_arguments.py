@@ -16,16 +16,7 @@ from airflow_provider_mltrain.operators import _pod_spec as spec
 from gpu_trainer import contract
 
 #: Environment variables the operator owns; set them through its parameters, not env_vars.
-RESERVED_ENV = (
-    contract.ENV_HYPERPARAMETERS,
-    contract.ENV_RESULT_PATH,
-    contract.ENV_CHECKPOINT_DIR,
-    contract.ENV_LINEAGE,
-    contract.ENV_TRACKING_URI,
-    contract.ENV_EXPERIMENT_NAME,
-    contract.ENV_RUN_NAME,
-    *contract.CREDENTIAL_ENV_VARS,
-)
+RESERVED_ENV = contract.TRAINER_ENV_VARS
 
 
 def _later(value: Any) -> bool:

@@ -14,13 +14,16 @@ from typing import Any
 
 from kubernetes.client import models as k8s
 
+from gpu_trainer import contract
+
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 #: Label NVIDIA GPU Feature Discovery puts on GPU nodes, e.g. "NVIDIA-A100-SXM4-80GB".
 DEFAULT_GPU_TYPE_LABEL = "nvidia.com/gpu.product"
 DEFAULT_CMDS = ("python", "-m", "gpu_trainer.train")
 SHM_VOLUME = "mltrain-shm"
 CHECKPOINT_VOLUME = "mltrain-checkpoints"
-DEFAULT_CHECKPOINT_MOUNT = "/mltrain/checkpoints"
+#: The image's checkpoint directory (one value, owned by the contract).
+DEFAULT_CHECKPOINT_MOUNT = contract.CHECKPOINT_MOUNT
 LAUNCHERS = ("kubernetes", "local")
 
 # Kubernetes quantity grammar (resource.Quantity): a decimal number with an optional binary (Ki..Ei),
@@ -119,6 +122,10 @@ def check_hyperparameters(value: Any) -> dict[str, Any]:
         json.dumps(dict(value), allow_nan=False)
     except (TypeError, ValueError) as err:
         raise bad_param("hyperparameters", value, f"{allowed}: {err}") from err
+    try:
+        contract.check_reserved_hyperparameters(value)
+    except contract.ContractError as err:
+        raise bad_param("hyperparameters", value, str(err)) from err
     return dict(value)
 
 
@@ -202,10 +209,6 @@ def add_required_node_affinity(
     return affinity
 
 
-#: The trainer image's user (gpu_trainer/Dockerfile: USER 1000:1000).
-TRAINER_UID = 1000
-
-
 def restricted_pod_security_context() -> k8s.V1PodSecurityContext:
     """Pod Security Standards "restricted": non-root and the runtime's default seccomp profile.
 
@@ -214,9 +217,9 @@ def restricted_pod_security_context() -> k8s.V1PodSecurityContext:
     """
     return k8s.V1PodSecurityContext(
         run_as_non_root=True,
-        run_as_user=TRAINER_UID,
-        run_as_group=TRAINER_UID,
-        fs_group=TRAINER_UID,
+        run_as_user=contract.TRAINER_UID,
+        run_as_group=contract.TRAINER_GID,
+        fs_group=contract.TRAINER_GID,
         seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
     )
 

@@ -375,7 +375,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         ti = context["ti"]
         return {
             "dag_id": ti.dag_id,
-            "run_id": context["run_id"],
+            "dag_run_id": context["run_id"],
             "task_id": ti.task_id,
             "map_index": ti.map_index,
             "try_number": ti.try_number,
@@ -386,7 +386,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         if not lineage:
             return spec.path_segment(self.task_id)
         return spec.checkpoint_suffix(
-            lineage["dag_id"], lineage["task_id"], lineage["run_id"], lineage["map_index"]
+            lineage["dag_id"], lineage["task_id"], lineage["dag_run_id"], lineage["map_index"]
         )
 
     def _checkpoint_dir(self, context: Context | None) -> str:
@@ -398,26 +398,38 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         return f"{spec.DEFAULT_CHECKPOINT_MOUNT}/{suffix}"
 
     def _contract_env(
-        self, context: Context | None, hyperparameters: dict[str, Any], checkpoint_dir: str
+        self,
+        context: Context | None,
+        hyperparameters: dict[str, Any],
+        checkpoint_dir: str,
+        *,
+        result_path: str = contract.DEFAULT_RESULT_PATH,
+        mlflow: dict[str, str] | None = None,
+        literal_credentials: bool = False,
     ) -> dict[str, str]:
+        """The trainer's contract variables, from :func:`gpu_trainer.contract.trainer_environment`.
+
+        :param mlflow: the connection's MLflow variables; None gives the pod's (the tracking URI only).
+        :param literal_credentials: keep credential values from ``mlflow`` (the local launcher only).
+        """
         lineage = self._lineage(context)
-        env = {
-            contract.ENV_HYPERPARAMETERS: contract.encode_hyperparameters(hyperparameters),
-            contract.ENV_RESULT_PATH: contract.DEFAULT_RESULT_PATH,
-            contract.ENV_CHECKPOINT_DIR: checkpoint_dir,
-            contract.ENV_LINEAGE: json.dumps(lineage, sort_keys=True),
-            contract.ENV_RUN_NAME: spec.run_name(
+        if mlflow is None and self.mlflow_conn_id:
+            mlflow = {contract.ENV_TRACKING_URI: MLflowHook(self.mlflow_conn_id).tracking_uri}
+        return contract.trainer_environment(
+            hyperparameters=hyperparameters,
+            checkpoint_dir=checkpoint_dir,
+            lineage=lineage,
+            result_path=result_path,
+            run_name=spec.run_name(
                 lineage.get("dag_id", self.dag_id if self.has_dag() else "dag"),
                 self.task_id,
                 lineage.get("map_index"),
-                lineage.get("run_id"),
+                lineage.get("dag_run_id"),
             ),
-        }
-        if self.mlflow_conn_id:
-            env[contract.ENV_TRACKING_URI] = MLflowHook(self.mlflow_conn_id).tracking_uri
-        if self.experiment_name:
-            env[contract.ENV_EXPERIMENT_NAME] = str(self.experiment_name)
-        return env
+            experiment_name=str(self.experiment_name) if self.experiment_name else None,
+            mlflow=mlflow,
+            literal_credentials=literal_credentials,
+        )
 
     # -- running on Kubernetes -----------------------------------------------------------------------
 
@@ -425,6 +437,8 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         self._xcom_problem = None
         self._startup_failure = None
         self._final_result = _UNSET
+        # The link's XCom exists from the start, so a failed try ends without an "XCom not found" error.
+        MLflowRunLink.persist(context, "")
         if self._resolve_launcher() == "local":
             return self._execute_local(context)
         self._warn_if_credentials_unreachable()
@@ -639,7 +653,10 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         try:
             hook = MLflowHook(self.mlflow_conn_id) if self.mlflow_conn_id and run_id else None
             if hook is not None and hook.ui_url:
-                experiment_id = hook.get_conn().get_run(str(run_id)).info.experiment_id
+                # Trainers that report their experiment spare this request; older ones do not report it.
+                experiment_id = result.get("experiment_id") or (
+                    hook.get_conn().get_run(str(run_id)).info.experiment_id
+                )
                 url = hook.run_url(experiment_id, str(run_id))
         except Exception as err:
             self.log.warning("Could not build the MLflow run link for run %s: %s", run_id, err)
@@ -659,16 +676,28 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         vars(self)["hook"] = _OfflineKubernetesHook()
         pod = self.build_pod_request_obj(context, dry_run=True)
         container = self._base_container(pod)
-        # Literal values only: Secret references have no value here, the connection supplies credentials.
-        env = {e.name: e.value for e in container.env or [] if e.value is not None}
-        if self.mlflow_conn_id:
-            env.update(MLflowHook(self.mlflow_conn_id).child_environment())
+        # The user's literal env_vars (Secret references have no value here); the contract's variables
+        # come from the same function as the pod's, with this machine's paths and the connection's
+        # credentials as values.
+        env = {
+            e.name: e.value
+            for e in container.env or []
+            if e.value is not None and e.name not in contract.TRAINER_ENV_VARS
+        }
         checkpoint_dir = os.path.join(self._local_checkpoint_root(), self._checkpoint_suffix(context))
         os.makedirs(checkpoint_dir, exist_ok=True)
-        env[contract.ENV_CHECKPOINT_DIR] = checkpoint_dir
         result_dir = tempfile.mkdtemp(prefix="mltrain-result-")
         result_path = os.path.join(result_dir, "return.json")
-        env[contract.ENV_RESULT_PATH] = result_path
+        env.update(
+            self._contract_env(
+                context,
+                self._rendered_hyperparameters(),
+                checkpoint_dir,
+                result_path=result_path,
+                mlflow=MLflowHook(self.mlflow_conn_id).child_environment() if self.mlflow_conn_id else None,
+                literal_credentials=True,
+            )
+        )
 
         cmd = local_command([*(container.command or []), *(container.args or [])])
         process = LocalProcess(

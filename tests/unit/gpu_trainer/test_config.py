@@ -11,7 +11,7 @@ from gpu_trainer.errors import TrainerError
 
 def test_flag_beats_hyperparameters_beats_env_beats_default():
     env = {
-        contract.ENV_HYPERPARAMETERS: json.dumps({"batch_size": 32, "lr": 0.01, "output": "/hp/result.json"}),
+        contract.ENV_HYPERPARAMETERS: json.dumps({"batch_size": 32, "lr": 0.01}),
         contract.ENV_RESULT_PATH: "/env/result.json",
         contract.ENV_CHECKPOINT_DIR: "/ckpt",
         contract.ENV_EXPERIMENT_NAME: "exp",
@@ -20,7 +20,7 @@ def test_flag_beats_hyperparameters_beats_env_beats_default():
     cfg = resolve_config(["--data", "d", "--lr", "0.5", "--compile"], env)
     assert cfg.lr == 0.5  # flag
     assert cfg.batch_size == 32  # hyperparameters
-    assert cfg.output == "/hp/result.json"  # hyperparameters beat the dedicated variable
+    assert cfg.output == "/env/result.json"  # the launcher's location
     assert cfg.checkpoint_dir == "/ckpt" and cfg.experiment == "exp" and cfg.run_name == "run-1"
     assert cfg.compile is True
     assert cfg.epochs == TrainConfig.epochs and cfg.optimizer == "adamw"  # defaults
@@ -70,3 +70,27 @@ def test_params_are_flat_and_json_serializable():
     params = cfg.params()
     assert params["feature_columns"] == "a,b"
     json.dumps(params)
+
+
+@pytest.mark.parametrize("key", sorted(contract.RESERVED_HYPERPARAMETERS))
+def test_locations_and_run_naming_are_not_hyperparameters(key):
+    # A hyperparameter "output" used to outrank MLTRAIN_RESULT_PATH: the result landed where the operator
+    # never looks. Now the launcher's variables are the only source besides the flag.
+    env = {
+        contract.ENV_HYPERPARAMETERS: json.dumps({"lr": 0.01, key: "/elsewhere"}),
+        contract.ENV_RESULT_PATH: "/env/result.json",
+        contract.ENV_CHECKPOINT_DIR: "/ckpt",
+    }
+    with pytest.raises(TrainerError) as info:
+        resolve_config(["--data", "d"], env)
+    message = str(info.value)
+    assert f"MLTRAIN_HYPERPARAMETERS: {key!r} is not a hyperparameter" in message
+    assert contract.RESERVED_HYPERPARAMETERS[key] in message
+    assert "--" + key.replace("_", "-") in message
+
+
+def test_flags_still_set_the_locations_by_hand():
+    env = {contract.ENV_RESULT_PATH: "/env/result.json", contract.ENV_CHECKPOINT_DIR: "/env/ckpt"}
+    cfg = resolve_config(["--data", "d", "--output", "/mine.json", "--checkpoint-dir", "/my/ckpt"], env)
+    assert (cfg.output, cfg.checkpoint_dir) == ("/mine.json", "/my/ckpt")
+    assert resolve_config(["--data", "d"], env).output == "/env/result.json"

@@ -90,9 +90,9 @@ def test_cpu_only_pod_is_valid_and_restricted(k8s_hook):
     assert pod["spec"]["securityContext"] == {
         "runAsNonRoot": True,
         # The trainer image's user, shared with the xcom sidecar so it can read the 0600 result file.
-        "runAsUser": 1000,
-        "runAsGroup": 1000,
-        "fsGroup": 1000,
+        "runAsUser": contract.TRAINER_UID,
+        "runAsGroup": contract.TRAINER_GID,
+        "fsGroup": contract.TRAINER_GID,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     for container in pod["spec"]["containers"]:
@@ -106,7 +106,7 @@ def test_cpu_only_pod_is_valid_and_restricted(k8s_hook):
     assert env[contract.ENV_RESULT_PATH] == "/airflow/xcom/return.json"
     assert json.loads(env[contract.ENV_LINEAGE]) == {
         "dag_id": "train_dag",
-        "run_id": RUN_ID,
+        "dag_run_id": RUN_ID,
         "task_id": "train",
         "map_index": -1,
         "try_number": 1,

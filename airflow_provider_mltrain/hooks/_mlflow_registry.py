@@ -8,8 +8,13 @@ hook, nothing here imports mlflow at module level.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import random
 import time
+import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow.exceptions import AirflowException
@@ -39,6 +44,26 @@ class ModelSource(NamedTuple):
     model_id: str | None
 
 
+def filter_literal(value: str) -> str:
+    """``value`` as a string literal of MLflow's search filter grammar.
+
+    MLflow's filter parser has no escape character: a value is wrapped in single or double quotes and
+    taken verbatim, so a name holding one kind of quote is wrapped in the other. ``\\'`` (the previous
+    spelling) matched nothing, which made every retry of a name with ``'`` create a new version.
+
+    :param value: the literal value.
+    :raises MLflowRegistryError: when ``value`` holds both quote kinds (no literal can carry it; model
+        names are refused at parse time for that reason, see ``operators._mlflow_names``).
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise MLflowRegistryError(
+        f"{value!r} holds both ' and \": MLflow's search filter cannot express it; rename it"
+    )
+
+
 class MLflowRegistryMixin:
     """Registry operations on top of a hook's connection (``get_conn``, ``tracking_uri``)."""
 
@@ -47,6 +72,9 @@ class MLflowRegistryMixin:
 
         @property
         def tracking_uri(self) -> str: ...
+
+        @property
+        def registry_uri(self) -> str: ...
 
         @property
         def log(self) -> Logger: ...
@@ -99,7 +127,14 @@ class MLflowRegistryMixin:
         :param path: a directory inside the run's artifacts (the root when None).
         """
         if not self._is_remote(self.tracking_uri):
-            return [f.path + ("/" if f.is_dir else "") for f in self._client.list_artifacts(run_id, path)]
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            # The run's own artifact repository, as mlflow.register_model reads it: MLflow 3's
+            # MlflowClient.list_artifacts falls back to a logged model's files when the run has none at
+            # `path`, which made a LoggedModel look like a model in the run's artifacts (a source that
+            # does not exist).
+            repo = get_artifact_repository(self.get_run_or_raise(run_id).info.artifact_uri)
+            return [f.path + ("/" if f.is_dir else "") for f in repo.list_artifacts(path)]
         from mlflow.utils.rest_utils import http_request
 
         params = {"run_id": run_id, **({"path": path} if path else {})}
@@ -188,7 +223,7 @@ class MLflowRegistryMixin:
                         "re-run the training task"
                     )
                 self._check_same_run(run_id, logged.source_run_id, model_uri)
-                return ModelSource(f"models:/{model_id}", run_id or logged.source_run_id, model_id)
+                return self._logged_model_source(logged, run_id or logged.source_run_id)
             if run_id:
                 self.get_run_or_raise(run_id)
             return ModelSource(model_uri, run_id, None)
@@ -206,6 +241,19 @@ class MLflowRegistryMixin:
                 "pass the run_id and model_uri of the same training result"
             )
 
+    def _logged_model_source(self, logged: LoggedModel, run_id: str | None) -> ModelSource:
+        """The version source for an MLflow 3 logged model, with its ``model_id`` (as ``register_model``).
+
+        A tracking server resolves ``models:/m-...`` itself. MLflow's SQL registry store (the embedded
+        default) resolves it through ``MlflowClient()``, a client on the *process-global* tracking URI
+        (MLflow's own TODO in ``create_model_version``), which a hook bound to a connection cannot rely
+        on: there the source is the logged model's artifact location, the same files ``models:/m-...``
+        names, so ``models:/<name>@<alias>`` loads on both stores.
+        """
+        if self._is_remote(self.registry_uri):
+            return ModelSource(f"models:/{logged.model_id}", run_id, logged.model_id)
+        return ModelSource(str(logged.artifact_location), run_id, logged.model_id)
+
     def _source_from_run(self, run_id: str, artifact_path: str) -> ModelSource:
         run = self.get_run_or_raise(run_id)
         path = artifact_path.strip("/")
@@ -216,7 +264,7 @@ class MLflowRegistryMixin:
         if logged:
             # Several models logged under one name (e.g. one per epoch): the newest is the result.
             newest = max(logged, key=lambda m: m.creation_timestamp or 0)
-            return ModelSource(f"models:/{newest.model_id}", run_id, newest.model_id)
+            return self._logged_model_source(newest, run_id)
         root = self.list_run_artifacts(run_id)
         names = sorted({m.name for m in self.logged_models_of_run(run)})
         raise MLflowRegistryError(
@@ -247,8 +295,9 @@ class MLflowRegistryMixin:
         :param name: registered model name.
         :param source: what the version was created from.
         """
-        quoted = name.replace("'", "\\'")
-        filter_string = f"name = '{quoted}'" + (f" and run_id = '{source.run_id}'" if source.run_id else "")
+        filter_string = f"name = {filter_literal(name)}" + (
+            f" and run_id = {filter_literal(source.run_id)}" if source.run_id else ""
+        )
         matches: list[ModelVersion] = []
         page_token = None
         while True:
@@ -333,7 +382,8 @@ class MLflowRegistryMixin:
             )
             version = created.version
             self.log.info("Created model %r version %s from %s", name, version, source.source)
-        else:
+            existing = self._drop_if_duplicate(name, source, str(version))
+        if existing is not None:
             version = existing.version
             self.log.info(
                 "Model %r version %s already holds %s (run %s): reusing it",
@@ -351,6 +401,126 @@ class MLflowRegistryMixin:
                 self._client.update_model_version(name, str(version), description=description)
             ready = self._client.get_model_version(name, str(version))
         return ready, existing is None
+
+    def _drop_if_duplicate(self, name: str, source: ModelSource, version: str) -> ModelVersion | None:
+        """After creating ``version``: the older version of the same source, if a concurrent call made one.
+
+        Two registrations of one source that run at the same time both find nothing and both create a
+        version. Version numbers are handed out in commit order, so the lowest number of a source was
+        visible to every later creator when it looked again here: each keeps the lowest and the loser
+        deletes its own version, so both return the same single version whatever the interleaving.
+
+        :return: the version to use instead of ``version`` (None when ``version`` is the one to keep).
+        """
+        oldest = self.find_model_version(name, source)
+        if oldest is None or str(oldest.version) == version:
+            return None
+        self.log.info(
+            "Model %r version %s holds the same source %s (registered concurrently): deleting version "
+            "%s and using version %s",
+            name,
+            oldest.version,
+            source.source,
+            version,
+            oldest.version,
+        )
+        try:
+            self._client.delete_model_version(name, version)
+        except Exception as err:  # the duplicate is harmless; failing the task for it would not be
+            self.log.warning("Could not delete duplicate model %r version %s: %s", name, version, err)
+        return oldest
+
+    # -- alias moves -------------------------------------------------------------------------------
+    #
+    # MLflow has no compare-and-set on aliases: "read the holder, record it, set the alias" run by two
+    # tasks at once lets both read the same holder, so one promotion is lost and the record is wrong, and
+    # no re-read afterwards can tell (the later set looks like a clean move). An optimistic retry needs a
+    # conditional write the registry does not offer. The one atomic create-if-absent it does offer is
+    # creating a registered model (its name is unique), so an alias move runs under a lock that is a
+    # registered model named after (model, alias): created to acquire, deleted to release. A lock left by
+    # a worker that died holding it is broken after ALIAS_LOCK_STALE_S (a move takes well under a
+    # second); a waiter gives up after ALIAS_LOCK_TIMEOUT_S with the lock's name in the error.
+
+    #: Prefix of the lock models; the rest is a digest, so any model name and alias fit MLflow's limits.
+    ALIAS_LOCK_PREFIX = "mltrain-alias-lock-"
+    ALIAS_LOCK_OWNER_TAG = "mltrain.lock.owner"
+    ALIAS_LOCK_TIMEOUT_S = 120.0
+    ALIAS_LOCK_STALE_S = 300.0
+
+    @classmethod
+    def alias_lock_name(cls, name: str, alias: str) -> str:
+        """The registered model that serialises moves of ``alias`` of ``name``.
+
+        :param name: registered model name.
+        :param alias: the alias.
+        """
+        digest = hashlib.sha256(f"{name}\0{alias}".encode()).hexdigest()[:32]
+        return cls.ALIAS_LOCK_PREFIX + digest
+
+    @contextlib.contextmanager
+    def alias_lock(self, name: str, alias: str) -> Iterator[None]:
+        """Hold the lock on moves of ``alias`` of ``name`` for the block (see the comment above).
+
+        :param name: registered model name.
+        :param alias: the alias.
+        :raises MLflowRegistryError: when the lock stays taken for ``ALIAS_LOCK_TIMEOUT_S``.
+        """
+        from mlflow.exceptions import MlflowException
+
+        lock = self.alias_lock_name(name, alias)
+        owner = uuid.uuid4().hex
+        deadline = time.monotonic() + self.ALIAS_LOCK_TIMEOUT_S
+        pause = 0.05
+        while True:
+            try:
+                self._client.create_registered_model(
+                    lock,
+                    tags={self.ALIAS_LOCK_OWNER_TAG: owner},
+                    description=f"mltrain: lock on moves of alias {alias!r} of model {name!r}; "
+                    "deleted when the move ends",
+                )
+                break
+            except MlflowException as err:
+                if self._error_code(err) not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                    raise
+            self._break_stale_lock(lock)
+            if time.monotonic() > deadline:
+                raise MLflowRegistryError(
+                    f"alias {alias!r} of model {name!r} stayed locked for {self.ALIAS_LOCK_TIMEOUT_S:g} s "
+                    f"by registered model {lock!r} {self._where()}: another registration is moving it; "
+                    "if none is running, delete that registered model"
+                )
+            # Jitter keeps waiters from retrying in lockstep.
+            time.sleep(pause * (1 + random.random()))
+            pause = min(pause * 2, 1.0)
+        try:
+            yield
+        finally:
+            self._release_lock(lock, owner)
+
+    def _break_stale_lock(self, lock: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            held = self._client.get_registered_model(lock)
+        except MlflowException:
+            return  # released meanwhile
+        age_s = time.time() - (held.creation_timestamp or 0) / 1000
+        if age_s > self.ALIAS_LOCK_STALE_S:
+            self.log.warning("Breaking alias lock %r held for %.0f s (its holder died)", lock, age_s)
+            with contextlib.suppress(MlflowException):
+                self._client.delete_registered_model(lock)
+
+    def _release_lock(self, lock: str, owner: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            held = self._client.get_registered_model(lock)
+            # Only our own lock: after a stale break another holder may own the name now.
+            if held.tags.get(self.ALIAS_LOCK_OWNER_TAG) == owner:
+                self._client.delete_registered_model(lock)
+        except MlflowException as err:
+            self.log.warning("Could not release alias lock %r: %s", lock, err)
 
     def get_version_by_alias(self, name: str, alias: str) -> ModelVersion | None:
         """The version of ``name`` that holds ``alias``; None when the model or the alias does not exist.
@@ -383,21 +553,25 @@ class MLflowRegistryMixin:
         """
         version = str(version)
         tag = self.PREVIOUS_VERSION_TAG.format(alias=alias)
-        current = self.get_version_by_alias(name, alias)
-        if current is not None and str(current.version) == version:
-            previous = current.tags.get(tag) or None
-            self.log.info(
-                "Alias %r of model %r is already on version %s (previous holder: %s)",
-                alias,
-                name,
-                version,
-                previous,
-            )
-            return previous
-        previous = None if current is None else str(current.version)
-        if previous is not None:
-            self._client.set_model_version_tag(name, version, tag, previous)
-        self._client.set_registered_model_alias(name, alias, version)
+        with self.alias_lock(name, alias):
+            current = self.get_version_by_alias(name, alias)
+            if current is not None and str(current.version) == version:
+                previous = current.tags.get(tag) or None
+                self.log.info(
+                    "Alias %r of model %r is already on version %s (previous holder: %s)",
+                    alias,
+                    name,
+                    version,
+                    previous,
+                )
+                return previous
+            previous = None if current is None else str(current.version)
+            if previous is not None:
+                self._client.set_model_version_tag(name, version, tag, previous)
+            elif tag in self._client.get_model_version(name, version).tags:
+                # A record from an earlier promotion of this version would name a wrong rollback target.
+                self._client.delete_model_version_tag(name, version, tag)
+            self._client.set_registered_model_alias(name, alias, version)
         if previous is None:
             self.log.info("Alias %r of model %r set on version %s (no previous holder)", alias, name, version)
         else:
@@ -422,18 +596,19 @@ class MLflowRegistryMixin:
         :return: the version that holds the alias now.
         :raises MLflowRegistryError: when the alias is not set or no previous holder is recorded.
         """
-        current = self.get_version_by_alias(name, alias)
-        if current is None:
-            raise MLflowRegistryError(
-                f"model {name!r} has no alias {alias!r} {self._where()}: nothing to roll back"
-            )
-        previous = current.tags.get(self.PREVIOUS_VERSION_TAG.format(alias=alias))
-        if not previous:
-            raise MLflowRegistryError(
-                f"model {name!r} version {current.version} holds {alias!r} but records no previous holder "
-                f"(tag {self.PREVIOUS_VERSION_TAG.format(alias=alias)!r}): nothing to roll back to"
-            )
-        self._client.set_registered_model_alias(name, alias, previous)
+        with self.alias_lock(name, alias):
+            current = self.get_version_by_alias(name, alias)
+            if current is None:
+                raise MLflowRegistryError(
+                    f"model {name!r} has no alias {alias!r} {self._where()}: nothing to roll back"
+                )
+            previous = current.tags.get(self.PREVIOUS_VERSION_TAG.format(alias=alias))
+            if not previous:
+                raise MLflowRegistryError(
+                    f"model {name!r} version {current.version} holds {alias!r} but records no previous "
+                    f"holder (tag {self.PREVIOUS_VERSION_TAG.format(alias=alias)!r}): nothing to roll back to"
+                )
+            self._client.set_registered_model_alias(name, alias, previous)
         self.log.info(
             "Alias %r of model %r rolled back from version %s to %s", alias, name, current.version, previous
         )

@@ -23,15 +23,27 @@ class _XComUrlLink(BaseOperatorLink):
     key: ClassVar[str]
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        url = XCom.get_value(key=self.key, ti_key=ti_key)
+        if ti_key.map_index is None or ti_key.map_index < 0:
+            # Airflow resolves every extra link when a task ends, also when it failed before pushing the
+            # URL; a single-value read of a missing XCom logs "XCom not found" at ERROR level, while the
+            # list read answers "none" quietly. An unmapped task has one value under the key.
+            values = XCom.get_all(
+                key=self.key, dag_id=ti_key.dag_id, task_id=ti_key.task_id, run_id=ti_key.run_id
+            )
+            url = values[0] if values else None
+        else:
+            # A mapped task's list mixes all map indexes; operators push "" when they start (see
+            # persist), so the value exists by the time the task can fail.
+            url = XCom.get_value(key=self.key, ti_key=ti_key)
         return url if isinstance(url, str) else ""
 
     @classmethod
     def persist(cls, context: Any, url: str) -> None:
         """Store the link's URL for this task instance.
 
-        An empty URL (a connection without a UI, e.g. a local store) is stored too: Airflow resolves every
-        extra link when the task ends, and a missing XCom is logged as an error there.
+        Operators call it with ``""`` as their first step and with the URL once they know it. An empty URL
+        (a connection without a UI, e.g. a local store) is stored too: Airflow resolves every extra link
+        when the task ends, and reading a missing XCom is logged as an error there.
 
         :param context: the task's context.
         :param url: the full URL, or ``""``.

@@ -2,7 +2,8 @@
 
 The rules mirror MLflow 3's own (``mlflow/utils/validation.py``: ``_validate_model_name``,
 ``_validate_model_alias_name`` and ``_validate_model_alias_name_reserved``) so a bad name fails when the DAG
-is parsed instead of after the training it follows.
+is parsed instead of after the training it follows. Model names are held to a little more than MLflow
+checks: a name must also survive the ``models:/`` URIs the operator returns and MLflow's search filters.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import re
 from typing import Any
 
 _ALIAS_CHARS = re.compile(r"^[\w\-]+$")
+#: Characters a model name cannot carry through a ``models:/`` URI: MLflow parses those URIs with
+#: ``urllib.parse.urlparse``, so ``?`` starts a query, ``;`` parameters, ``@`` an alias and ``#`` a
+#: fragment in the UI's links, and ``%`` reads as an escape to any tool that decodes the URI.
+_URI_BREAKING_CHARS = ("?", "#", "%", ";", "@")
 _VERSION_ALIAS = re.compile(r"^[vV]\d+$")
 MAX_ALIAS_LENGTH = 255
 #: Legacy registry stages a version may be moved to (``None`` is not a target).
@@ -41,6 +46,23 @@ def validate_model_name(value: Any, param: str = "model_name") -> str:
     if "/" in value or ":" in value:
         raise ValueError(
             f"{param} {value!r} is not a valid registered model name: names cannot contain '/' or ':'"
+        )
+    bad = sorted({c for c in value if c in _URI_BREAKING_CHARS or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ValueError(
+            f"{param} {value!r} cannot be used in MLflow model URIs (models:/<name>/<version>, "
+            f"models:/<name>@<alias>): it contains {''.join(bad)!r}; names may not contain "
+            f"{' '.join(_URI_BREAKING_CHARS)} or control characters"
+        )
+    if value != value.strip() or value in (".", ".."):
+        raise ValueError(
+            f"{param} {value!r} is not a valid registered model name: no leading or trailing spaces, "
+            "and not '.' or '..'"
+        )
+    if "'" in value and '"' in value:
+        raise ValueError(
+            f"{param} {value!r} contains both ' and \": MLflow's search filters cannot match such a name "
+            "(they have no escape character); use at most one kind of quote"
         )
     return value
 

@@ -131,6 +131,8 @@ class MLflowRegisterOperator(BaseOperator):
         self.mlflow_conn_id = mlflow_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
+        # The link's XCom exists from the start, so a failed try ends without an "XCom not found" error.
+        MLflowModelVersionLink.persist(context, "")
         name = validate_model_name(self.model_name)
         run_id = self._rendered_str("run_id", self.run_id)
         model_uri = self._rendered_str("model_uri", self.model_uri)

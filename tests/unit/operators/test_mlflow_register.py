@@ -23,6 +23,17 @@ def make(**overrides) -> MLflowRegisterOperator:
     [
         ({"model_name": ""}, r"model_name must be a non-empty string"),
         ({"model_name": "team/digits"}, r"model_name 'team/digits' is not a valid registered model name"),
+        (
+            {"model_name": "m%?#&x"},
+            r"model_name 'm%\?#&x' cannot be used in MLflow model URIs .* it contains '#%\?'; names may not "
+            r"contain \? # % ; @ or control characters",
+        ),
+        ({"model_name": "digits@v2"}, r"model_name 'digits@v2' cannot be used in MLflow model URIs"),
+        ({"model_name": "a;b"}, r"it contains ';'"),
+        ({"model_name": "tab\tname"}, r"it contains '\\t'"),
+        ({"model_name": " digits"}, r"no leading or trailing spaces"),
+        ({"model_name": ".."}, r"not '\.' or '\.\.'"),
+        ({"model_name": 'it\'s "x"'}, r"contains both ' and \": MLflow's search filters cannot match"),
         ({"run_id": None}, r"set run_id and/or model_uri"),
         ({"run_id": 42}, r"run_id must be a string, got int"),
         ({"aliases": ["champion", "prod ready"]}, r"alias 'prod ready' is invalid: aliases may only contain"),
@@ -44,6 +55,11 @@ def make(**overrides) -> MLflowRegisterOperator:
 def test_bad_inputs_are_rejected_at_construction(overrides, message):
     with pytest.raises(ValueError, match=message):
         make(**overrides)
+
+
+@pytest.mark.parametrize("name", ["o'brien's model", 'say "hi"', "digits v2", "team.digits_cnn-1", "ünïcode"])
+def test_names_mlflow_uris_can_carry_are_accepted(name):
+    assert make(model_name=name).model_name == name
 
 
 def test_defaults_and_normalisation():

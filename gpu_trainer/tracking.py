@@ -1,19 +1,76 @@
-"""MLflow tracking for rank 0: the run (new or resumed), metrics, lineage tags, figures and the model."""
+"""MLflow tracking for rank 0: the run (new or resumed), metrics, lineage tags, figures and the model.
+
+A tracking outage must not stop training: HTTP calls to the server are bounded (see
+:func:`bound_tracking_requests`), metrics that cannot be delivered are buffered (and kept in checkpoints)
+and delivered once the server answers again.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from gpu_trainer import contract
+from gpu_trainer.errors import TrainerError, one_line
 
 log = logging.getLogger("gpu_trainer")
+
+#: MLflow's own HTTP settings, as defaults for the trainer process. MLflow's defaults (120 s timeout,
+#: 7 retries with exponential backoff) leave the GPUs idle for minutes per call while the server is down;
+#: these bound one tracking call to about half a minute against a hung server and seconds against a
+#: refused connection. Set the variables in the pod to override them.
+TRACKING_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+#: Seconds between delivery attempts while the tracking server is unreachable (default, and the variable
+#: that overrides it; trainer-only tuning, so it lives here rather than in the operator contract).
+DEFAULT_TRACKING_RETRY_SECONDS = 30.0
+ENV_TRACKING_RETRY_SECONDS = "MLTRAIN_TRACKING_RETRY_SECONDS"
+#: MLflow's log_batch accepts at most 1000 metrics per request.
+_BATCH_METRICS = 1000
+
+
+def bound_tracking_requests(environ: MutableMapping[str, str]) -> None:
+    """Bound MLflow's HTTP timeouts and retries in ``environ`` unless already set there.
+
+    Call it with ``os.environ`` in the trainer process only (its entry point), never in a process that
+    hosts other work.
+
+    :param environ: the trainer process's environment.
+    """
+    for name, value in TRACKING_HTTP_DEFAULTS.items():
+        environ.setdefault(name, value)
+
+
+def tracking_retry_seconds(environ: Mapping[str, str]) -> float:
+    """Seconds between delivery attempts during an outage, from ``MLTRAIN_TRACKING_RETRY_SECONDS``.
+
+    :param environ: the environment to read.
+    :raises TrainerError: when the value is not a number >= 0.
+    """
+    raw = environ.get(ENV_TRACKING_RETRY_SECONDS)
+    if not raw:
+        return DEFAULT_TRACKING_RETRY_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise TrainerError(f"{ENV_TRACKING_RETRY_SECONDS}={raw!r}: expected seconds >= 0")
+    return seconds
+
+
+class TrackingUnavailable(TrainerError):
+    """The tracking server stayed unreachable until the end of training."""
 
 
 class Tracker:
@@ -23,6 +80,8 @@ class Tracker:
     :param run_name: the run's display name (new runs only).
     :param resume_run_id: continue this run (from a checkpoint) instead of starting one.
     :param lineage: the parsed ``MLTRAIN_LINEAGE``; recorded as ``airflow.*`` tags.
+    :param pending_metrics: metric rows a previous try could not deliver (from its checkpoint); sent first.
+    :param retry_seconds: while the server is unreachable, wait this long between delivery attempts.
     """
 
     def __init__(
@@ -32,10 +91,16 @@ class Tracker:
         run_name: str | None,
         resume_run_id: str | None,
         lineage: Mapping[str, Any],
+        pending_metrics: Sequence[Mapping[str, Any]] = (),
+        retry_seconds: float = DEFAULT_TRACKING_RETRY_SECONDS,
     ) -> None:
         import mlflow
 
         self._mlflow = mlflow
+        self._pending: list[dict[str, Any]] = [dict(row) for row in pending_metrics]
+        self._retry_seconds = retry_seconds
+        self._next_attempt = 0.0
+        self._unreachable_since: float | None = None
         mlflow.set_experiment(experiment)
         run = None
         if resume_run_id:
@@ -47,6 +112,7 @@ class Tracker:
         if run is None:
             run = mlflow.start_run(run_name=run_name)
         self.run_id: str = run.info.run_id
+        self.experiment_id: str = run.info.experiment_id
         self.resumed = run.info.run_id == resume_run_id
         tags = contract.lineage_tags(lineage)
         tags["mltrain.trainer"] = "gpu_trainer"
@@ -68,7 +134,91 @@ class Tracker:
             self._mlflow.set_tags({f"mltrain.resumed.{key}": str(value) for key, value in changed.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self._mlflow.log_metrics(dict(metrics), step=step)
+        """Queue one row of metrics and deliver what is queued; never raises for an unreachable server.
+
+        :param metrics: name -> value.
+        :param step: the step (epoch) they belong to.
+        """
+        self._pending.append(
+            {"step": int(step), "timestamp": int(time.time() * 1000), "metrics": dict(metrics)}
+        )
+        self.flush()
+
+    def pending_metrics(self) -> list[dict[str, Any]]:
+        """Metric rows not delivered yet, as plain values (they go into checkpoints)."""
+        return [dict(row, metrics=dict(row["metrics"])) for row in self._pending]
+
+    def flush(self, *, force: bool = False) -> bool:
+        """Deliver the queued metric rows; True when nothing is left undelivered.
+
+        While the server is unreachable an attempt is made at most every ``retry_seconds`` (unless
+        ``force``), so training pays for one bounded call per interval, not one per epoch.
+
+        :param force: try now, even within the retry interval.
+        """
+        if not self._pending:
+            return True
+        now = time.monotonic()
+        if not force and now < self._next_attempt:
+            return False
+        try:
+            self._send(self._pending)
+        except Exception as err:
+            self._next_attempt = now + self._retry_seconds
+            if self._unreachable_since is None:
+                self._unreachable_since = now
+            log.warning(
+                "MLflow tracking unreachable (%s); training continues, %d metric row(s) buffered "
+                "(kept in checkpoints), next attempt in %.0f s",
+                one_line(err)[:300],
+                len(self._pending),
+                self._retry_seconds,
+            )
+            return False
+        if self._unreachable_since is not None:
+            log.warning(
+                "MLflow tracking reachable again after %.0f s: delivered %d buffered metric row(s)",
+                now - self._unreachable_since,
+                len(self._pending),
+            )
+        self._unreachable_since = None
+        self._pending.clear()
+        return True
+
+    def require_delivered(self, *, kept_in: str | None, final_metrics: Mapping[str, float]) -> None:
+        """At the end of training: deliver everything queued, or fail saying where the work is kept.
+
+        :param kept_in: the checkpoint directory holding the trained state and the undelivered rows.
+        :param final_metrics: the final metrics, repeated in the error so they are never only in a file.
+        :raises TrackingUnavailable: when the server is still unreachable.
+        """
+        if self.flush(force=True):
+            return
+        where = (
+            f"the trained model, final metrics and undelivered rows are in the checkpoint under {kept_in}: "
+            "a retry of this task resumes from it (no retraining) and delivers them"
+            if kept_in
+            else "no checkpoint directory is set, so a retry trains again"
+        )
+        shown = ", ".join(f"{name}={value:.4g}" for name, value in sorted(final_metrics.items()))
+        raise TrackingUnavailable(
+            f"training finished but MLflow tracking at {self._mlflow.get_tracking_uri()} is still "
+            f"unreachable ({len(self._pending)} metric row(s) not delivered; final metrics: {shown}); "
+            f"{where}"
+        )
+
+    def _send(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        metrics = [
+            Metric(key=name, value=float(value), timestamp=int(row["timestamp"]), step=int(row["step"]))
+            for row in rows
+            for name, value in row["metrics"].items()
+        ]
+        client = MlflowClient()
+        for start in range(0, len(metrics), _BATCH_METRICS):
+            client.log_batch(self.run_id, metrics=metrics[start : start + _BATCH_METRICS], synchronous=True)
 
     def set_tag(self, key: str, value: str) -> None:
         self._mlflow.set_tag(key, value)
@@ -136,6 +286,13 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)
+
+    def end_quietly(self, status: str) -> None:
+        """End the run on a failure path: an unreachable server must not hide the error being raised."""
+        try:
+            self._mlflow.end_run(status=status)
+        except Exception as err:
+            log.warning("could not mark MLflow run %s %s (%s)", self.run_id, status, one_line(err)[:300])
 
 
 @contextlib.contextmanager

@@ -134,6 +134,7 @@ def _train(
     run_id: str | None = None
     resumed_from: int | None = None
     resumed_state: dict[str, Any] | None = None
+    pending_metrics: list[dict[str, Any]] = []
     if cfg.checkpoint_dir:
         found = checkpoint.load_latest(cfg.checkpoint_dir)
         if found is not None:
@@ -151,6 +152,8 @@ def _train(
             history = list(state["history"])
             partial = dict(state["partial"])
             run_id = state["run_id"]
+            # Metric rows the previous try could not deliver (tracking was down): sent first this time.
+            pending_metrics = list(state.get("pending_metrics", []))
             resumed_from = start_epoch
             resumed_state = state
             log.info(
@@ -171,10 +174,15 @@ def _train(
 
     tracker = None
     if info.is_main:
-        from gpu_trainer.tracking import Tracker
+        from gpu_trainer.tracking import Tracker, tracking_retry_seconds
 
         tracker = Tracker(
-            experiment=cfg.experiment, run_name=cfg.run_name, resume_run_id=run_id, lineage=lineage
+            experiment=cfg.experiment,
+            run_name=cfg.run_name,
+            resume_run_id=run_id,
+            lineage=lineage,
+            pending_metrics=pending_metrics,
+            retry_seconds=tracking_retry_seconds(env),
         )
         run_id = tracker.run_id
         tracker.log_params(
@@ -226,6 +234,7 @@ def _train(
             "partial": {"loss_sum": loss_sum, "count": count},
             "config": record,
             "run_id": run_id,
+            "pending_metrics": tracker.pending_metrics() if tracker is not None else [],
         }
         writer.submit(state, global_step=global_step)
 
@@ -372,6 +381,8 @@ def _train(
             raise TrainerError("no epoch was trained (check --epochs)")
         final = dict(history[-1])
         final.pop("epoch")
+        # Buffered metrics first: if tracking is still down, fail now with the work kept in the checkpoint.
+        tracker.require_delivered(kept_in=cfg.checkpoint_dir, final_metrics=final)
         tracker.log_figures(history, last_eval.confusion)
         example = dataset.val.features[: min(5, len(dataset.val))]
         model_uri = tracker.log_model(core, example)
@@ -381,6 +392,7 @@ def _train(
             metrics=final,
             params={**cfg.params(), "precision": precision, "world_size": info.world_size},
             resumed_from_epoch=resumed_from,
+            experiment_id=tracker.experiment_id,
         )
         contract.write_result(cfg.output, result)
         tracker.end()
@@ -395,7 +407,7 @@ def _train(
             with contextlib.suppress(Exception):
                 writer.wait()
         if tracker is not None:
-            tracker.end(status="FAILED")
+            tracker.end_quietly(status="FAILED")
         raise
 
 
@@ -404,6 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     :param argv: arguments without the program name; ``sys.argv[1:]`` when None.
     """
+    from gpu_trainer.tracking import bound_tracking_requests
+
+    # This process is the trainer alone, so MLflow's HTTP limits can be set in its environment.
+    bound_tracking_requests(os.environ)
     return run_cli(lambda: train(resolve_config(sys.argv[1:] if argv is None else argv, os.environ)))
 
 

@@ -1,0 +1,182 @@
+"""The MLflow server goes down mid-training: training goes on, metrics arrive once it is back.
+
+Each test runs its own ``mlflow server`` (not the session one: it is stopped and restarted on the same
+port with the same database, as a real outage would). The trainer is paused (SIGSTOP) only while the
+server is being stopped or started, so the outage falls between known epochs on a loaded machine too.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from mlflow.tracking import MlflowClient
+
+from gpu_trainer import checkpoint
+from tests.fixtures.mlflow_servers import start_server, stop_server
+
+from .conftest import BASE_ARGS, REPO_ROOT, run_trainer, trainer_env
+
+EPOCHS = 30
+#: A refused connection fails at once and every epoch retries: the test needs no waiting.
+OUTAGE_ENV = {
+    "MLTRAIN_TRACKING_RETRY_SECONDS": "0",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    "MLFLOW_EXPERIMENT_NAME": "outage",
+}
+
+
+def _args(digits_dir: Path, tmp_path: Path) -> list[str]:
+    args = list(BASE_ARGS)
+    args[args.index("--epochs") + 1] = str(EPOCHS)
+    return [
+        "--data",
+        str(digits_dir),
+        *args,
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--output",
+        str(tmp_path / "result.json"),
+    ]
+
+
+class _Trainer:
+    """A trainer subprocess whose merged output is read line by line on a thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gpu_trainer.train", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO_ROOT,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str, *, count: int = 1, timeout: float = 120) -> None:
+        """Read output until ``text`` has appeared ``count`` more times."""
+        deadline = time.monotonic() + timeout
+        while count:
+            line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.1))
+            assert line is not None, f"trainer exited before {text!r}:\n" + "".join(self.lines)[-4000:]
+            self.lines.append(line)
+            if text in line:
+                count -= 1
+
+    def finish(self, timeout: float = 180) -> str:
+        self.proc.wait(timeout=timeout)
+        while (line := self._queue.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return "".join(self.lines)
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+
+def _metric_steps(uri: str, run_id: str, name: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, name))
+
+
+def test_training_continues_through_an_outage_and_delivers_metrics_after_restart(tmp_path, digits_dir):
+    server_root = tmp_path / "server"
+    server_root.mkdir()
+    server, uri = start_server(server_root)
+    port = urlparse(uri).port
+    trainer = _Trainer(_args(digits_dir, tmp_path), trainer_env(uri, **OUTAGE_ENV))
+    try:
+        trainer.wait_for(f"epoch 3/{EPOCHS} train_loss")
+        trainer.pause()
+        stop_server(server)
+        trainer.resume()
+        # Training and checkpoints go on while the server is down, with a warning saying so.
+        trainer.wait_for("MLflow tracking unreachable")
+        trainer.wait_for("train_loss", count=3)
+        trainer.wait_for("checkpoint saved")
+        trainer.pause()
+        during_outage = "".join(trainer.lines)
+        epochs_before_restart = during_outage.count(f"/{EPOCHS} train_loss")
+        server, _ = start_server(server_root, port=port)
+        trainer.resume()
+        output = trainer.finish()
+
+        assert trainer.proc.returncode == 0, output[-4000:]
+        assert epochs_before_restart >= 6, during_outage[-3000:]
+        assert "MLflow tracking reachable again" in output
+        result = json.loads((tmp_path / "result.json").read_text())
+        assert result["metrics"]["val_accuracy"] > 0.9
+        # Every epoch's metrics are in the run, those logged during the outage included.
+        assert _metric_steps(uri, result["run_id"], "val_accuracy") == list(range(1, EPOCHS + 1))
+        assert _metric_steps(uri, result["run_id"], "train_loss") == list(range(1, EPOCHS + 1))
+        run = MlflowClient(tracking_uri=uri).get_run(result["run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["val_accuracy"] == result["metrics"]["val_accuracy"]
+    finally:
+        if trainer.proc.poll() is None:
+            trainer.resume()
+            trainer.proc.kill()
+        stop_server(server)
+
+
+def test_outage_until_the_end_fails_clearly_and_the_retry_delivers(tmp_path, digits_dir):
+    server_root = tmp_path / "server"
+    server_root.mkdir()
+    server, uri = start_server(server_root)
+    port = urlparse(uri).port
+    args = _args(digits_dir, tmp_path)
+    env = trainer_env(uri, **OUTAGE_ENV)
+    trainer = _Trainer(args, env)
+    try:
+        trainer.wait_for(f"epoch 2/{EPOCHS} train_loss")
+        trainer.pause()
+        stop_server(server)
+        trainer.resume()
+        output = trainer.finish()
+    finally:
+        if trainer.proc.poll() is None:
+            trainer.proc.kill()
+
+    # Still down at the end: one clear error line, exit status 2, no result, the work kept.
+    assert trainer.proc.returncode == 2, output[-4000:]
+    assert "gpu_trainer: error: training finished but MLflow tracking at" in output
+    assert "val_accuracy=" in output.split("final metrics:")[1]
+    assert "a retry of this task resumes from it" in output
+    assert not (tmp_path / "result.json").exists()
+    latest = checkpoint.load_latest(str(tmp_path / "ckpt"))
+    assert latest is not None
+    _, state = latest
+    assert state["epoch"] == EPOCHS
+    assert [row["step"] for row in state["pending_metrics"]] == list(range(3, EPOCHS + 1))
+
+    # The server is back; the retry resumes after the last epoch and delivers what was kept.
+    server, _ = start_server(server_root, port=port)
+    try:
+        retry = run_trainer(args, env)
+        assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+        assert "resuming from" in retry.stdout + retry.stderr
+        assert " train_loss " not in retry.stdout + retry.stderr, "the retry must not train again"
+        result = json.loads((tmp_path / "result.json").read_text())
+        assert result["run_id"] == state["run_id"]
+        assert result["metrics"]["val_accuracy"] > 0.9
+        assert _metric_steps(uri, result["run_id"], "val_accuracy") == list(range(1, EPOCHS + 1))
+    finally:
+        stop_server(server)

@@ -117,3 +117,46 @@ def test_hook_repr_has_no_credentials(airflow_conn):
     hook = MLflowHook("repr")
     hook.tracking_uri
     assert "hunter2" not in repr(hook)
+
+
+def test_credentials_in_the_host_url_become_login_and_password_and_are_masked(airflow_conn):
+    from airflow.sdk.log import mask_logs
+
+    # "p@ss:w/rd" percent-encoded, as a URL must carry it.
+    airflow_conn(
+        "url_creds", connection_json("https://alice:p%40ss%3Aw%2Frd-7731@mlflow.example.com:5000/api")
+    )
+    hook = MLflowHook("url_creds")
+
+    assert hook.tracking_uri == "https://mlflow.example.com:5000/api"
+    assert (hook.host_creds().username, hook.host_creds().password) == ("alice", "p@ss:w/rd-7731")
+    assert hook.ui_url == "https://mlflow.example.com:5000/api"
+    assert hook.run_url("1", "r") == "https://mlflow.example.com:5000/api/#/experiments/1/runs/r"
+    assert hook.child_environment()["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com:5000/api"
+    assert hook.child_environment()["MLFLOW_TRACKING_PASSWORD"] == "p@ss:w/rd-7731"
+    event = mask_logs(None, "info", {"event": "pw p@ss:w/rd-7731 raw p%40ss%3Aw%2Frd-7731"})
+    assert event == {"event": "pw *** raw ***"}
+
+
+@pytest.mark.parametrize(
+    ("conn", "expected"),
+    [
+        (
+            connection_json("http://bob:url-Secret-5521@m:5000", login="bob", password="other"),
+            r"host 'http://m:5000' carries credentials \(user:password@\) and login/password are set too",
+        ),
+        (
+            connection_json("http://m:5000", registry_uri="http://bob:url-Secret-5521@r:5000"),
+            r"extra 'registry_uri' \(http://\*\*\*@r:5000\) carries credentials",
+        ),
+        (
+            connection_json("http://m:5000", ui_url="https://bob:url-Secret-5521@ui"),
+            r"extra 'ui_url' \(https://\*\*\*@ui\) carries credentials",
+        ),
+    ],
+)
+def test_url_credentials_that_conflict_are_refused_without_quoting_them(airflow_conn, conn, expected):
+    airflow_conn("url_conflict", conn)
+    with pytest.raises(MLflowConnectionError, match=expected) as err:
+        MLflowHook("url_conflict").tracking_uri
+    assert "url-Secret-5521" not in str(err.value)

@@ -9,14 +9,19 @@ reuses it; the last one to leave closes it.
 The pool is keyed by the running event loop as well as by connection: an aiobotocore client's HTTP
 session belongs to the loop that opened it, and ``dag.test()`` runs each trigger under its own
 ``asyncio.run``.
+
+A worker thread alone does not keep the loop running, though: see :func:`_collector_paused` for the
+garbage-collector pause that the first build used to cause anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 import weakref
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -42,8 +47,47 @@ _POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[PoolKey, _Entr
 )
 
 
+#: One build at a time: each pauses the (process-wide) garbage collector while it runs.
+_BUILD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Run a burst of long-lived allocations without setting off a full garbage collection.
+
+    The first client of a process makes botocore parse S3's service model, endpoint rules and
+    ``endpoints.json``: a few hundred thousand objects, kept for the life of the process in botocore's
+    loader cache. In a process the size of a triggerer (Airflow and its providers) that burst sets off a
+    full (generation 2) collection of the whole heap, which holds the GIL for 0.3-0.6 s, so the
+    triggerer's loop stalled on the first poll ("async thread was blocked") although the build runs in a
+    worker thread.
+
+    With the collector disabled nothing is collected during the burst. ``gc.freeze()`` then
+    ``gc.unfreeze()`` moves the survivors straight into the oldest generation (two list splices) without
+    adding them to the count of new long-lived objects that schedules the next full collection. The cost:
+    garbage cycles created meanwhile (by any thread) wait for the next full collection instead of a young
+    one.
+    """
+    with _BUILD_LOCK:
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            yield
+        finally:
+            gc.freeze()
+            gc.unfreeze()
+            if was_enabled:
+                gc.enable()
+
+
 def _build_client_blocking(aws_conn_id: str | None, region_name: str | None, verify: bool | str | None):
-    """Resolve the connection and build the (not yet opened) client; runs in a worker thread."""
+    """Build the client in a worker thread, with the collector paused (see :func:`_collector_paused`)."""
+    with _collector_paused():
+        return _build_client(aws_conn_id, region_name, verify)
+
+
+def _build_client(aws_conn_id: str | None, region_name: str | None, verify: bool | str | None):
+    """Resolve the connection and build the (not yet opened) client."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
     from botocore.config import Config
 

@@ -22,6 +22,13 @@ DEFAULT_GPU_TYPE_LABEL = "nvidia.com/gpu.product"
 DEFAULT_CMDS = ("python", "-m", "gpu_trainer.train")
 SHM_VOLUME = "mltrain-shm"
 CHECKPOINT_VOLUME = "mltrain-checkpoints"
+#: The root filesystem is read-only; the trainer (and MLflow, matplotlib, torch.compile) write temporary
+#: files under /tmp, so /tmp is a writable emptyDir.
+TMP_VOLUME = "mltrain-tmp"
+TMP_MOUNT = "/tmp"
+#: Limits for KPO's xcom sidecar (it only sleeps, then `cat`s the result file): it requests 1m CPU and
+#: 10Mi but has no limits, which leaves the pod without Guaranteed QoS and fails CKV_K8S_11/13.
+XCOM_SIDECAR_LIMITS = {"cpu": "100m", "memory": "64Mi"}
 #: The image's checkpoint directory (one value, owned by the contract).
 DEFAULT_CHECKPOINT_MOUNT = contract.CHECKPOINT_MOUNT
 LAUNCHERS = ("kubernetes", "local")
@@ -225,12 +232,28 @@ def restricted_pod_security_context() -> k8s.V1PodSecurityContext:
 
 
 def restricted_container_security_context() -> k8s.V1SecurityContext:
+    """Restricted, plus a read-only root filesystem: the writable places are volumes (/tmp, checkpoints,
+    /airflow/xcom, /dev/shm)."""
     return k8s.V1SecurityContext(
         allow_privilege_escalation=False,
         capabilities=k8s.V1Capabilities(drop=["ALL"]),
         run_as_non_root=True,
+        read_only_root_filesystem=True,
         seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
     )
+
+
+def limit_xcom_sidecar(containers: Sequence[k8s.V1Container], sidecar_name: str) -> None:
+    """Give the xcom sidecar limits (its requests kept, raised to the limit when above it) unless it has some."""
+    for container in containers:
+        if container.name != sidecar_name:
+            continue
+        current = container.resources or k8s.V1ResourceRequirements()
+        if current.limits:
+            continue
+        container.resources = k8s.V1ResourceRequirements(
+            requests=dict(current.requests or {}), limits=dict(XCOM_SIDECAR_LIMITS)
+        )
 
 
 def torchrun_command(cmds: Sequence[str], nproc: int) -> list[str]:

@@ -25,6 +25,7 @@ from airflow.providers.cncf.kubernetes.utils.pod_manager import (
     PodLaunchTimeoutException,
     PodPhase,
 )
+from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
 from airflow.providers.common.compat.sdk import AirflowSkipException, conf
 from kubernetes.client import models as k8s
 
@@ -342,6 +343,9 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             mounts.append(
                 k8s.V1VolumeMount(name=spec.CHECKPOINT_VOLUME, mount_path=spec.DEFAULT_CHECKPOINT_MOUNT)
             )
+        if not any(m.mount_path.rstrip("/") == spec.TMP_MOUNT for m in mounts):
+            volumes.append(k8s.V1Volume(name=spec.TMP_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()))
+            mounts.append(k8s.V1VolumeMount(name=spec.TMP_VOLUME, mount_path=spec.TMP_MOUNT))
         pod_spec.volumes = volumes
         container.volume_mounts = mounts
 
@@ -360,6 +364,11 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         for c in pod_spec.containers:
             if not c.security_context:
                 c.security_context = spec.restricted_container_security_context()
+        spec.limit_xcom_sidecar(pod_spec.containers, PodDefaults.SIDECAR_CONTAINER_NAME)
+        # A training pod does not talk to the Kubernetes API: no token unless the user asks for one
+        # (automount_service_account_token=True, or a pod template that sets it).
+        if pod_spec.automount_service_account_token is None:
+            pod_spec.automount_service_account_token = False
         return pod
 
     def _base_container(self, pod: k8s.V1Pod) -> k8s.V1Container:

@@ -47,6 +47,13 @@ ENV_TRACKING_INSECURE_TLS = "MLFLOW_TRACKING_INSECURE_TLS"
 ENV_TRACKING_SERVER_CERT_PATH = "MLFLOW_TRACKING_SERVER_CERT_PATH"
 #: Credentials: in a pod only ever from a Kubernetes Secret reference, never a literal in the pod spec.
 CREDENTIAL_ENV_VARS = (ENV_TRACKING_USERNAME, ENV_TRACKING_PASSWORD, ENV_TRACKING_TOKEN)
+#: The data store's (S3 or S3-compatible) credentials, as botocore (so s3fs/fsspec in the trainer) reads
+#: them. In a pod only from a Kubernetes Secret reference (``data_secret``) or the pod's service account
+#: (IRSA, workload identity); the local launcher sets them from the task's Airflow connection.
+DATA_STORE_CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+#: Everything the trainer needs to reach the data store: the credentials, the endpoint (MinIO, Ceph,
+#: a loopback test server; botocore's own variable) and the region.
+DATA_STORE_ENV_VARS = (*DATA_STORE_CREDENTIAL_ENV_VARS, "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 #: The MLflow client variables a trainer may receive for its connection (credentials included).
 MLFLOW_CLIENT_ENV_VARS = (
     ENV_TRACKING_URI,
@@ -369,6 +376,16 @@ def lineage(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     :param environ: the environment to read; ``os.environ`` when None.
     """
     return parse_lineage(_env(environ).get(ENV_LINEAGE))
+
+
+def run_name(environ: Mapping[str, str] | None = None) -> str | None:
+    """The MLflow run name the operator chose (``<dag_id>.<task_id>[.<map_index>]@<dag run id>``), or None.
+
+    MLflow does not read it by itself: pass it to ``mlflow.start_run(run_name=...)`` for a new run.
+
+    :param environ: the environment to read; ``os.environ`` when None.
+    """
+    return _env(environ).get(ENV_RUN_NAME) or None
 
 
 def is_main_process(environ: Mapping[str, str] | None = None) -> bool:

@@ -279,8 +279,7 @@ class Tracker:
                 name="model",
                 signature=infer_signature(inputs, outputs),
                 input_example=inputs,
-                # Explicit requirements skip MLflow's slow import-tracing inference of the environment.
-                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                pip_requirements=model_pip_requirements(),
             )
         return f"runs:/{self.run_id}/model"
 
@@ -293,6 +292,18 @@ class Tracker:
             self._mlflow.end_run(status=status)
         except Exception as err:
             log.warning("could not mark MLflow run %s %s (%s)", self.run_id, status, one_line(err)[:300])
+
+
+def model_pip_requirements() -> list[str]:
+    """The logged model's pip requirements: torch and cloudpickle pinned to the installed releases.
+
+    Spelled out instead of ``mlflow.pytorch.get_default_pip_requirements()``, which warns on every model
+    about torch's local version label (``+cpu``, ``+cu128``) before dropping it. Explicit requirements
+    also skip MLflow's slow import-tracing inference of the environment.
+    """
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package).split('+', 1)[0]}" for package in ("torch", "cloudpickle")]
 
 
 @contextlib.contextmanager

@@ -106,6 +106,9 @@ def _train(
     precision = runtime.resolve_precision(cfg.precision, device)
     amp_dtype = runtime.autocast_dtype(precision)
     runtime.configure_cuda()
+    # A first line before the slow part (data, then MLflow's import and run): the task log shows the
+    # trainer started instead of staying silent for the whole start-up.
+    log.info("loading %s (%s on %s)", cfg.data, cfg.model, device)
     dataset = load_dataset(
         cfg.data,
         label_column=cfg.label_column,
@@ -424,4 +427,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_now(main())

@@ -36,6 +36,8 @@ def test_metrics_params_tags_and_figures_land_in_mlflow(reference_run):
     client = MlflowClient(tracking_uri=reference_run["tracking_uri"])
     run = client.get_run(reference_run["result"]["run_id"])
     assert run.info.status == "FINISHED"
+    # Reported, so the operator's run link needs no MLflow request.
+    assert reference_run["result"]["experiment_id"] == run.info.experiment_id
     for name in ("train_loss", "val_loss", "val_accuracy", "val_f1", "samples_per_s"):
         history = client.get_metric_history(run.info.run_id, name)
         assert sorted(point.step for point in history) == [1, 2, 3, 4], name

@@ -19,6 +19,21 @@ from gpu_trainer import contract
 RESERVED_ENV = contract.TRAINER_ENV_VARS
 
 
+#: Arguments Airflow does not render (not template fields): Jinja or an XComArg there stays as written.
+NOT_TEMPLATED = (
+    "gpus",
+    "gpu_resource",
+    "gpu_type",
+    "gpu_type_label",
+    "shm_size",
+    "distributed",
+    "nproc_per_node",
+    "launcher",
+    "unschedulable_timeout_seconds",
+    "local_kill_grace_seconds",
+)
+
+
 def _later(value: Any) -> bool:
     return spec.is_templated(value)
 
@@ -36,6 +51,22 @@ def check_env_vars(env: Any) -> None:
             "these variables are set by the operator: use hyperparameters=, mlflow_conn_id=, "
             "experiment_name=, mlflow_secret=, checkpoint_volume=/checkpoint_uri= instead",
         )
+    literal_credentials = sorted(
+        str(name)
+        for name, value in (
+            env.items()
+            if isinstance(env, dict)
+            else [(getattr(e, "name", None), getattr(e, "value", None)) for e in env]
+        )
+        if name in contract.DATA_STORE_CREDENTIAL_ENV_VARS and value is not None
+    )
+    if literal_credentials:
+        raise spec.bad_param(
+            "env_vars",
+            literal_credentials,
+            "data-store credentials never go into a pod spec as values: pass data_secret=<Secret name> "
+            "(or a service account with a cloud identity), or aws_conn_id= for the local launcher",
+        )
 
 
 def check_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,6 +81,15 @@ def check_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
 
     def known(name: str) -> bool:
         return name in args and not _later(args[name])
+
+    for name in NOT_TEMPLATED:
+        if name in args and _later(args[name]):
+            raise spec.bad_param(
+                name,
+                args[name],
+                "this argument is not a template field, so Jinja or an XComArg is never rendered here; "
+                f"pass a literal value, or map it with .partial(...).expand({name}=[...])",
+            )
 
     if known("do_xcom_push") and not args["do_xcom_push"]:
         raise spec.bad_param(
@@ -72,7 +112,13 @@ def check_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
     if known("shm_size") and shm_size is not None and not isinstance(shm_size, bool):
         spec.check_quantity("shm_size", shm_size)
     if known("hyperparameters"):
-        spec.check_hyperparameters(args["hyperparameters"])
+        hyperparameters = spec.check_hyperparameters(args["hyperparameters"])
+        if "cmds" not in args or known("cmds"):
+            spec.check_trainer_hyperparameters(hyperparameters, args.get("cmds"))
+    if known("mlflow_secret"):
+        spec.check_secret_name("mlflow_secret", args["mlflow_secret"])
+    if known("data_secret"):
+        spec.check_secret_name("data_secret", args["data_secret"])
     if known("checkpoint_volume"):
         out["checkpoint_volume"] = spec.check_checkpoint_volume(args["checkpoint_volume"])
     checkpoint_uri = args.get("checkpoint_uri")

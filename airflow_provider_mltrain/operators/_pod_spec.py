@@ -7,8 +7,11 @@ loaded by ``KubernetesPodOperator`` on every parse, so this adds nothing to DAG 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import re
+from decimal import Decimal, InvalidOperation, Overflow
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +45,24 @@ _DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z
 _NAME = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(?=.{0,63}$)([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
+#: Largest encoded MLTRAIN_HYPERPARAMETERS. The value travels as one environment variable, and Linux
+#: refuses to start a process with a single "NAME=value" string over 128 KiB (MAX_ARG_STRLEN: E2BIG,
+#: in the pod and for the local launcher alike); this leaves room below it.
+MAX_HYPERPARAMETERS_BYTES = 64 * 1024
+#: Kubernetes stores a quantity as a 64-bit integer (of milli-units for small values): larger ones are
+#: refused by the API server.
+_MAX_QUANTITY = Decimal(2**63 - 1)
+_SUFFIX_SCALE = {
+    "": Decimal(1),
+    "m": Decimal("0.001"),
+    "k": Decimal(10) ** 3,
+    "M": Decimal(10) ** 6,
+    "G": Decimal(10) ** 9,
+    "T": Decimal(10) ** 12,
+    "P": Decimal(10) ** 15,
+    "E": Decimal(10) ** 18,
+    **{f"{p}i": Decimal(1024) ** (n + 1) for n, p in enumerate("KMGTPE")},
+}
 
 
 def is_templated(value: Any) -> bool:
@@ -110,7 +131,34 @@ def check_quantity(name: str, value: Any) -> str | None:
     match = _QUANTITY.match(text)
     if not match or float(match.group("num")) <= 0:
         raise bad_param(name, value, "expected a positive Kubernetes quantity such as '4', '500m' or '16Gi'")
+    if _quantity_value(match.group("num"), match.group("suffix") or "") > _MAX_QUANTITY:
+        raise bad_param(
+            name, value, "expected a Kubernetes quantity no larger than 2^63-1 (e.g. '4', '500m' or '16Gi')"
+        )
     return text
+
+
+def _quantity_value(number: str, suffix: str) -> Decimal:
+    try:
+        if suffix in _SUFFIX_SCALE:
+            return Decimal(number) * _SUFFIX_SCALE[suffix]
+        return Decimal(number) * Decimal(10) ** int(suffix[1:])  # decimal exponent: "1e3", "2E+6"
+    except (InvalidOperation, Overflow):  # an exponent beyond what Decimal represents
+        return _MAX_QUANTITY + 1
+
+
+def check_secret_name(name: str, value: Any) -> str | None:
+    """A Kubernetes Secret name (a DNS subdomain: lowercase letters, digits, '-' and '.')."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _DNS_SUBDOMAIN.match(value):
+        raise bad_param(
+            name,
+            value,
+            "expected the name of a Kubernetes Secret: a DNS subdomain (<= 253 characters of lowercase "
+            "letters, digits, '-' and '.', starting and ending with a letter or digit), or None",
+        )
+    return value
 
 
 def check_hyperparameters(value: Any) -> dict[str, Any]:
@@ -126,14 +174,59 @@ def check_hyperparameters(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise bad_param("hyperparameters", value, allowed)
     try:
-        json.dumps(dict(value), allow_nan=False)
+        encoded = json.dumps(dict(value), allow_nan=False)
     except (TypeError, ValueError) as err:
         raise bad_param("hyperparameters", value, f"{allowed}: {err}") from err
+    size = len(encoded.encode("utf-8"))
+    if size > MAX_HYPERPARAMETERS_BYTES:
+        # The value itself would flood the log line: name its size and its largest keys instead.
+        largest = sorted(value, key=lambda key: -len(json.dumps(value[key])))[:3]
+        raise ValueError(
+            f"GPUTrainingPodOperator: invalid hyperparameters (keys {sorted(value)[:10]}): {size} bytes "
+            f"as JSON, over the {MAX_HYPERPARAMETERS_BYTES}-byte limit (they travel in one environment "
+            f"variable, and Linux refuses one over 128 KiB); largest keys: {largest}. Pass large inputs "
+            "as a file or URI instead (e.g. a path in the data location)"
+        )
     try:
         contract.check_reserved_hyperparameters(value)
     except contract.ContractError as err:
         raise bad_param("hyperparameters", value, str(err)) from err
     return dict(value)
+
+
+def is_bundled_trainer(cmds: Sequence[str] | None) -> bool:
+    """Whether ``cmds`` runs this project's trainer (``python -m gpu_trainer.train``)."""
+    return cmds is None or list(cmds[-2:]) == list(DEFAULT_CMDS[-2:])
+
+
+def check_trainer_hyperparameters(value: Mapping[str, Any], cmds: Sequence[str] | None) -> None:
+    """For the bundled trainer, refuse keys it does not know (it would fail on them at run time).
+
+    :param value: the hyperparameters.
+    :param cmds: the task's command; other trainers' keys are theirs to check.
+    """
+    if not is_bundled_trainer(cmds) or not isinstance(value, Mapping):
+        return
+    # Standard library only (dataclasses, argparse): nothing heavy lands on DAG parsing.
+    from gpu_trainer.config import TrainConfig
+
+    options = [field.name for field in dataclasses.fields(TrainConfig)]
+    unknown = sorted(
+        str(key) for key in value if key not in options and key not in contract.RESERVED_HYPERPARAMETERS
+    )
+    if not unknown:
+        return
+    hints = {
+        key: close[0] for key in unknown if (close := difflib.get_close_matches(key, options, n=1, cutoff=0.6))
+    }
+    suggestion = f" (did you mean {', '.join(f'{k!r} -> {v!r}' for k, v in hints.items())}?)" if hints else ""
+    allowed = sorted(set(options) - set(contract.RESERVED_HYPERPARAMETERS))
+    raise bad_param(
+        "hyperparameters",
+        value,
+        f"unknown key(s) {unknown} for the bundled trainer ({' '.join(DEFAULT_CMDS)}){suggestion}; "
+        f"allowed: {allowed}",
+    )
 
 
 def check_checkpoint_volume(value: Any) -> dict[str, str] | None:

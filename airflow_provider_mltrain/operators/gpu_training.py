@@ -68,6 +68,22 @@ class _OfflineKubernetesHook:
         return None
 
 
+class _WithoutPodBuildMessage:
+    """The task logger minus KubernetesPodOperator's "Building pod ..." line (the local launcher builds
+    the pod spec only to validate it)."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def info(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(msg, str) and msg.startswith("Building pod "):
+            return
+        self._log.info(msg, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+
 class GPUTrainingPodOperator(KubernetesPodOperator):
     """Run a training job in a Kubernetes pod with GPUs, and push its validated result to XCom.
 
@@ -95,6 +111,14 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
     :param mlflow_secret: name of a Kubernetes Secret holding ``MLFLOW_TRACKING_USERNAME`` /
         ``MLFLOW_TRACKING_PASSWORD`` / ``MLFLOW_TRACKING_TOKEN`` keys (all optional); they reach the pod
         only as Secret references (templated).
+    :param data_secret: name of a Kubernetes Secret whose keys ``AWS_ACCESS_KEY_ID`` /
+        ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` / ``AWS_ENDPOINT_URL`` / ``AWS_DEFAULT_REGION``
+        (all optional) give the trainer's S3 client its credentials, endpoint and region; they reach
+        the pod only as Secret references (templated). Or leave it out and give the pod a service
+        account with a cloud identity (``service_account_name=``, IRSA / workload identity).
+    :param aws_conn_id: local launcher: the Amazon connection whose credentials, ``endpoint_url`` and
+        region the trainer process gets in its own environment (never the worker's); the worker's own
+        ``AWS_*`` variables never reach it. Pods never get connection credentials (see ``data_secret``).
     :param checkpoint_volume: ``{"claim_name": <PVC>, "mount_path": <path>}``: keep checkpoints on a PVC.
     :param checkpoint_uri: or a URI prefix the trainer writes checkpoints under (e.g. ``s3://bucket/ckpt``)
         (templated). Either way the directory is per dag/task/run/map index, not per try, so a retry resumes.
@@ -118,6 +142,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 "experiment_name",
                 "checkpoint_uri",
                 "mlflow_secret",
+                "data_secret",
                 "cpu",
                 "memory",
             )
@@ -140,6 +165,8 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
     mlflow_conn_id: str | None
     experiment_name: str | None
     mlflow_secret: str | None
+    data_secret: str | None
+    aws_conn_id: str | None
     checkpoint_volume: dict[str, str] | None
     checkpoint_uri: str | None
     nproc_per_node: int | None
@@ -169,6 +196,8 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         mlflow_conn_id: str | None = None,
         experiment_name: str | None = None,
         mlflow_secret: str | None = None,
+        data_secret: str | None = None,
+        aws_conn_id: str | None = None,
         checkpoint_volume: dict[str, str] | None = None,
         checkpoint_uri: str | None = None,
         distributed: bool = False,
@@ -190,6 +219,9 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 "memory": memory,
                 "shm_size": shm_size,
                 "hyperparameters": hyperparameters,
+                "cmds": cmds,
+                "mlflow_secret": mlflow_secret,
+                "data_secret": data_secret,
                 "checkpoint_volume": checkpoint_volume,
                 "checkpoint_uri": checkpoint_uri,
                 "distributed": distributed,
@@ -235,6 +267,8 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             mlflow_conn_id=mlflow_conn_id,
             experiment_name=experiment_name,
             mlflow_secret=mlflow_secret,
+            data_secret=data_secret,
+            aws_conn_id=aws_conn_id,
             distributed=distributed or nproc_per_node is not None,
             _local_process=None,
             _xcom_problem=None,
@@ -257,7 +291,9 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
 
     def _rendered_hyperparameters(self) -> dict[str, Any]:
         """Validate what templating or mapping produced (the construction-time check saw a placeholder)."""
-        return spec.check_hyperparameters(self.hyperparameters)
+        hyperparameters = spec.check_hyperparameters(self.hyperparameters)
+        spec.check_trainer_hyperparameters(hyperparameters, self.cmds)
+        return hyperparameters
 
     def _rendered_quantities(self) -> tuple[str | None, str | None, str | None]:
         cpu = spec.check_quantity("cpu", self.cpu)
@@ -355,7 +391,14 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             for name, value in self._contract_env(context, hyperparameters, checkpoint_dir).items()
         ]
         if self.mlflow_secret:
+            spec.check_secret_name("mlflow_secret", self.mlflow_secret)  # as rendered
             env += spec.secret_env(self.mlflow_secret, contract.CREDENTIAL_ENV_VARS)
+        if self.data_secret:
+            spec.check_secret_name("data_secret", self.data_secret)  # the rendered value
+            # A user's own env_vars entry (say a literal AWS_ENDPOINT_URL for MinIO) wins over the key.
+            taken = {e.name for e in env}
+            names = [name for name in contract.DATA_STORE_ENV_VARS if name not in taken]
+            env += spec.secret_env(self.data_secret, names)
         container.env = env
 
         # Restricted profile unless the user (operator argument, template or connection) set one.
@@ -415,11 +458,13 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         result_path: str = contract.DEFAULT_RESULT_PATH,
         mlflow: dict[str, str] | None = None,
         literal_credentials: bool = False,
+        data_store: dict[str, str] | None = None,
     ) -> dict[str, str]:
         """The trainer's contract variables, from :func:`gpu_trainer.contract.trainer_environment`.
 
         :param mlflow: the connection's MLflow variables; None gives the pod's (the tracking URI only).
         :param literal_credentials: keep credential values from ``mlflow`` (the local launcher only).
+        :param data_store: the data store's variables (the local launcher's, from ``aws_conn_id``).
         """
         lineage = self._lineage(context)
         if mlflow is None and self.mlflow_conn_id:
@@ -438,6 +483,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             experiment_name=str(self.experiment_name) if self.experiment_name else None,
             mlflow=mlflow,
             literal_credentials=literal_credentials,
+            extra=data_store,
         )
 
     # -- running on Kubernetes -----------------------------------------------------------------------
@@ -451,6 +497,14 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         if self._resolve_launcher() == "local":
             return self._execute_local(context)
         self._warn_if_credentials_unreachable()
+        if self.aws_conn_id and not self.data_secret and not self.service_account_name:
+            self.log.warning(
+                "aws_conn_id=%r reaches the local launcher's trainer only: a pod never gets connection "
+                "credentials. Pass data_secret= (a Secret with keys %s) or service_account_name= (a cloud "
+                "identity: IRSA, workload identity) for s3:// data.",
+                self.aws_conn_id,
+                list(contract.DATA_STORE_ENV_VARS),
+            )
         raw = super().execute(context)
         if self._final_result is not _UNSET:
             # Deferrable mode with a pod that was already finished: the parent ran trigger_reentry inline
@@ -674,6 +728,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
     # -- running locally -----------------------------------------------------------------------------
 
     def _execute_local(self, context: Context) -> dict[str, Any]:
+        from airflow_provider_mltrain.hooks.data_store import aws_child_environment
         from airflow_provider_mltrain.launchers.local import (
             LocalProcess,
             LocalTrainerTimeout,
@@ -681,9 +736,19 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             local_command,
         )
 
-        # Build (and so validate) the same pod as on Kubernetes, without asking any cluster.
+        # Build (and so validate) the same pod as on Kubernetes, without asking any cluster. The parent's
+        # "Building pod <name> with labels ..." would suggest a pod is made: say what happens instead.
+        self.log.info(
+            "Local launcher: checking the pod spec the Kubernetes launcher would submit (no cluster is "
+            "contacted), then running the trainer as a process on this worker"
+        )
         vars(self)["hook"] = _OfflineKubernetesHook()
-        pod = self.build_pod_request_obj(context, dry_run=True)
+        task_log = self.log
+        vars(self)["_log"] = _WithoutPodBuildMessage(task_log)
+        try:
+            pod = self.build_pod_request_obj(context, dry_run=True)
+        finally:
+            vars(self)["_log"] = task_log
         container = self._base_container(pod)
         # The user's literal env_vars (Secret references have no value here); the contract's variables
         # come from the same function as the pod's, with this machine's paths and the connection's
@@ -705,6 +770,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 result_path=result_path,
                 mlflow=MLflowHook(self.mlflow_conn_id).child_environment() if self.mlflow_conn_id else None,
                 literal_credentials=True,
+                data_store=aws_child_environment(self.aws_conn_id) if self.aws_conn_id else None,
             )
         )
 

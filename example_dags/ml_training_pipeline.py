@@ -6,7 +6,9 @@ The production pipeline of `airflow-provider-mltrain`, end to end:
 1. **wait_for_data** (`DatasetSensor`, deferrable): the day's Parquet files and their `_SUCCESS`
    marker under `{{ params.data_root }}/<ds>/`. Waiting costs a triggerer slot, not a worker.
 2. **data_preparation**: *validate* (label column, no missing values, every class present) and
-   *preprocess* (scale features to [0, 1], stratified train/val split) into `<ds>/prepared/`.
+   *preprocess* (stratified train/val split, features left raw) into `<ds>/prepared/`. The
+   trainer fits the feature scaling on the train split and logs it inside the model, so the
+   registered model scores raw features.
 3. **hyperparameter_grid** -> **train** (`GPUTrainingPodOperator.partial().expand()`): one GPU pod
    per combination, each an MLflow run; a retried pod resumes from its checkpoint.
 4. **pick_best**: the run with the best `val_accuracy`, with a comparison of all of them in the log.
@@ -121,14 +123,15 @@ with DAG(
 
         @task
         def preprocess(uris: list[str]) -> str:
-            """Scale features to [0, 1] and split train/val (stratified) into ``<ds>/prepared/``."""
+            """Split train/val (stratified) into ``<ds>/prepared/``, features left raw.
+
+            No scaling here: the trainer fits its standardization on the train split and logs it as
+            part of the model, so the registered model scores raw features as they arrive.
+            """
             import pandas as pd
             from sklearn.model_selection import train_test_split
 
             frame = pd.concat([_read_parquet(uri) for uri in uris], ignore_index=True)
-            features = frame.drop(columns=[LABEL_COLUMN]).astype("float32")
-            span = (features.max() - features.min()).replace(0, 1)
-            frame = pd.concat([(features - features.min()) / span, frame[LABEL_COLUMN]], axis=1)
             train, val = train_test_split(frame, test_size=0.2, random_state=0, stratify=frame[LABEL_COLUMN])
             out = uris[0].rsplit("/", 1)[0] + "/prepared"
             path = out.removeprefix("file://")

@@ -210,6 +210,14 @@ def load_dataset(
         val = Split(everything.features[val_idx], everything.labels[val_idx])
     if len(train) == 0 or len(val) == 0:
         raise TrainerError(f"--data {uri!r}: the train and validation splits must both have rows")
+    classes = torch.unique(train.labels)
+    if len(classes) < 2:
+        # One class trains a constant predictor that reports a meaningless accuracy; never useful.
+        raise TrainerError(
+            f"--data {uri!r}: every training row has label {int(classes[0].item())} in column "
+            f"{label_column!r} ({len(train)} rows): a classifier needs at least two classes "
+            "(check the label column and how the data was filtered)"
+        )
     num_classes = int(max(train.labels.max().item(), val.labels.max().item())) + 1
     return Dataset(train, val, columns, num_classes, separate_val=bool(val_files))
 

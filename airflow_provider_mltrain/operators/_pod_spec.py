@@ -11,8 +11,8 @@ import dataclasses
 import difflib
 import json
 import re
-from decimal import Decimal, InvalidOperation, Overflow
 from collections.abc import Mapping, Sequence
+from decimal import Decimal, InvalidOperation, Overflow
 from typing import Any
 
 from kubernetes.client import models as k8s
@@ -217,7 +217,9 @@ def check_trainer_hyperparameters(value: Mapping[str, Any], cmds: Sequence[str] 
     if not unknown:
         return
     hints = {
-        key: close[0] for key in unknown if (close := difflib.get_close_matches(key, options, n=1, cutoff=0.6))
+        key: close[0]
+        for key in unknown
+        if (close := difflib.get_close_matches(key, options, n=1, cutoff=0.6))
     }
     suggestion = f" (did you mean {', '.join(f'{k!r} -> {v!r}' for k, v in hints.items())}?)" if hints else ""
     allowed = sorted(set(options) - set(contract.RESERVED_HYPERPARAMETERS))

@@ -94,6 +94,11 @@ class MLflowRegisterOperator(BaseOperator):
             raise ValueError(
                 f"artifact_path must be a non-empty relative path such as 'model', got {artifact_path!r}"
             )
+        if aliases is not None and not isinstance(aliases, (str, list, tuple)):
+            raise ValueError(
+                f"aliases={aliases!r} is invalid: expected an alias string (e.g. 'champion'), a list of "
+                "them, or None"
+            )
         alias_list = [aliases] if isinstance(aliases, str) else list(aliases or [])
         for alias in alias_list:
             validate_alias(alias, "aliases")

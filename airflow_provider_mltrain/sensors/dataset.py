@@ -39,6 +39,9 @@ except ImportError:  # pragma: no cover - Airflow 3.0
 #: Seconds the scheduler waits past the trigger's own deadline before timing the deferral out itself;
 #: the trigger's timeout event (which says what was missing) normally wins.
 DEFERRAL_GRACE_SECONDS = 60
+#: The shortest ``poke_interval`` accepted: below it a sensor lists its store in a near-busy loop (one S3
+#: LIST request per interval per sensor, each billed, or a spinning worker in poke mode).
+MIN_POKE_INTERVAL_SECONDS = 1.0
 
 
 def _is_templated(value: Any) -> bool:
@@ -68,7 +71,7 @@ class DatasetSensor(BaseSensorOperator):
     :param max_retries: consecutive transient S3 failures (5xx, throttling, resets) survived while
         deferred before the task fails
     :param kwargs: :class:`~airflow.sdk.bases.sensor.BaseSensorOperator` arguments (``poke_interval``,
-        ``timeout``, ``soft_fail``, ``mode`` ...)
+        at least ``MIN_POKE_INTERVAL_SECONDS``; ``timeout``, ``soft_fail``, ``mode`` ...)
     """
 
     template_fields: Sequence[str] = ("uri", "modified_after")
@@ -89,6 +92,12 @@ class DatasetSensor(BaseSensorOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # The parent normalised poke_interval (a timedelta or a number) to seconds.
+        if self.poke_interval < MIN_POKE_INTERVAL_SECONDS:
+            raise ValueError(
+                f"poke_interval={kwargs.get('poke_interval', self.poke_interval)!r} is invalid: expected at least "
+                f"{MIN_POKE_INTERVAL_SECONDS:g} second(s) between checks (each check lists the dataset)."
+            )
         validate_thresholds(min_objects, min_total_bytes, success_marker)
         if not _is_templated(uri):
             parse_dataset_uri(uri)

@@ -205,10 +205,12 @@ def validate_thresholds(min_objects: Any, min_total_bytes: Any, success_marker: 
         or not success_marker
         or success_marker.startswith("/")
         or _GLOB_CHARS.search(success_marker)
+        # '..' would point outside the dataset (another dataset's marker would complete this one).
+        or ".." in success_marker.replace("\\", "/").split("/")
     ):
         raise ValueError(
             f"success_marker={success_marker!r} is invalid: expected a file name relative to the "
-            "dataset directory, without glob characters (e.g. '_SUCCESS'), or None."
+            "dataset directory, inside it (no '..'), without glob characters (e.g. '_SUCCESS'), or None."
         )
     if min_objects == 0 and min_total_bytes == 0 and success_marker is None:
         raise ValueError(

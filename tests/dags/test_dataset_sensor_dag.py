@@ -39,7 +39,7 @@ def _run_dag(dag_id: str, uri: str, outlet_uri: str, **sensor_kwargs):
             uri=uri,
             success_marker="_SUCCESS",
             min_objects=2,
-            poke_interval=0.5,
+            poke_interval=1,
             outlets=[Asset(name=f"{dag_id}_data", uri=outlet_uri)],
             **sensor_kwargs,
         )

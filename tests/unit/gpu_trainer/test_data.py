@@ -103,3 +103,15 @@ def test_epoch_indices_equal_distributed_sampler_exactly(n, world_size, shuffle)
             sampler.set_epoch(epoch)
             ours = epoch_indices(n, epoch=epoch, seed=11, rank=rank, world_size=world_size, shuffle=shuffle)
             assert ours.tolist() == list(sampler)
+
+
+def test_a_single_class_training_set_is_refused(tmp_path):
+    frame = _frame(30)
+    frame["y"] = 2
+    frame.to_parquet(tmp_path / "one-class.parquet")
+    with pytest.raises(TrainerError, match=r"every training row has label 2 in column 'y' \(24 rows\)"):
+        load_dataset(str(tmp_path), label_column="y")
+    # Two classes are enough.
+    frame.loc[:14, "y"] = 0
+    frame.to_parquet(tmp_path / "one-class.parquet")
+    assert load_dataset(str(tmp_path), label_column="y").num_classes == 3

@@ -86,7 +86,7 @@ def test_soft_fail_turns_a_deferred_timeout_into_a_skip():
 
 def test_poke_mode_times_out(tmp_path):
     sensor = DatasetSensor(
-        task_id="wait", uri=f"{tmp_path}/empty/", deferrable=False, poke_interval=0.05, timeout=0.3
+        task_id="wait", uri=f"{tmp_path}/empty/", deferrable=False, poke_interval=1, timeout=0.5
     )
     with pytest.raises(AirflowSensorTimeout):
         sensor.execute(context={})
@@ -97,8 +97,8 @@ def test_poke_mode_soft_fail_skips(tmp_path):
         task_id="wait",
         uri=f"{tmp_path}/empty/",
         deferrable=False,
-        poke_interval=0.05,
-        timeout=0.3,
+        poke_interval=1,
+        timeout=0.5,
         soft_fail=True,
     )
     with pytest.raises(AirflowSkipException):
@@ -107,7 +107,7 @@ def test_poke_mode_soft_fail_skips(tmp_path):
 
 def test_poke_mode_returns_matches_as_xcom(tmp_path):
     _write(tmp_path / "d" / "part-0", 8)
-    sensor = DatasetSensor(task_id="wait", uri=f"{tmp_path}/d/part-*", deferrable=False, poke_interval=0.05)
+    sensor = DatasetSensor(task_id="wait", uri=f"{tmp_path}/d/part-*", deferrable=False, poke_interval=1)
     assert sensor.execute(context={})["total_bytes"] == 8
 
 
@@ -135,12 +135,29 @@ def test_reschedule_mode_reschedules(tmp_path):
         ({"uri": "s3://bkt/d/", "min_objects": 0}, "inconsistent"),
         ({"uri": "s3://bkt/d/", "modified_after": "last tuesday"}, "modified_after='last tuesday'"),
         ({"uri": "s3://bkt/d/", "max_retries": -1}, "max_retries=-1"),
+        # A marker outside the dataset: another directory's _SUCCESS would complete this dataset.
+        ({"uri": "s3://bkt/d/", "success_marker": "../_SUCCESS"}, "success_marker='../_SUCCESS' is invalid"),
+        ({"uri": "s3://bkt/d/", "success_marker": "a/../../x"}, "inside it (no '..')"),
+        # No busy loop: a floor on the interval between listings.
+        (
+            {"uri": "s3://bkt/d/", "poke_interval": 0},
+            "poke_interval=0 is invalid: expected at least 1 second",
+        ),
+        (
+            {"uri": "s3://bkt/d/", "poke_interval": timedelta(milliseconds=10)},
+            "poke_interval=datetime.timedelta",
+        ),
     ],
 )
 def test_bad_input_fails_at_construction(kwargs, message):
     with pytest.raises(ValueError) as err:
         DatasetSensor(task_id="wait", **kwargs)
     assert message in str(err.value)
+
+
+def test_marker_in_a_subdirectory_and_the_minimum_interval_are_accepted():
+    sensor = DatasetSensor(task_id="wait", uri="s3://bkt/d/", success_marker="meta/_SUCCESS", poke_interval=1)
+    assert (sensor.success_marker, sensor.poke_interval) == ("meta/_SUCCESS", 1.0)
 
 
 def test_templated_values_are_accepted_at_construction():

@@ -12,15 +12,29 @@ The production pipeline of `airflow-provider-mltrain`, end to end:
 3. **hyperparameter_grid** -> **train** (`GPUTrainingPodOperator.partial().expand()`): one GPU pod
    per combination, each an MLflow run; a retried pod resumes from its checkpoint.
 4. **pick_best**: the run with the best `val_accuracy`, with a comparison of all of them in the log.
-5. **quality_gate** (`ModelQualityBranchOperator`): absolute gates and a comparison with the model
-   that holds the `champion` alias; -> **register** (`MLflowRegisterOperator`, alias `champion`)
-   or **skip_registration**.
+5. **score_champion** (`python -m gpu_trainer.evaluate` in a `GPUTrainingPodOperator`): the model
+   holding the `champion` alias scored on today's val split, so the gate compares like for like.
+   **quality_gate** (`ModelQualityBranchOperator`): absolute gates and the improvement over the
+   re-scored champion (its report shows the recorded and re-scored numbers); -> **register**
+   (`MLflowRegisterOperator`, alias `champion`) or **skip_registration**.
 6. **notify**: runs whichever branch was taken and reports the decision.
 
 The same file runs on Kubernetes and on a laptop. What differs is configuration, not code:
 the launcher (`AIRFLOW__MLTRAIN__LAUNCHER=local` runs trainers as local processes), the
 `mlflow_default` connection (a tracking server or a local SQLite store) and the `data_root` Param
 (`s3://...` or `file://...`). Kubernetes settings live in `KUBERNETES` below.
+
+**Data access**: every `s3://` read and write goes through the `aws_default` connection (its
+credentials and `endpoint_url`), never the worker's environment: the sensor, *validate* and
+*preprocess* use it directly, a local trainer gets it in its own environment, and training pods read
+the `data_secret` Secret (or use a service account with a cloud identity).
+
+**Running it**: there is no schedule (`schedule=None`), so unpausing starts nothing; trigger a run
+with a configuration, e.g.
+`airflow dags trigger ml_training_pipeline --logical-date 2026-11-20 --conf '{"data_root": "s3://my-bucket/digits"}'`
+(the REST API: `POST /api/v2/dags/ml_training_pipeline/dagRuns` with `logical_date` and `conf`).
+The run trains on the `<data_root>/<day>/` folder, where the day is the `day` Param, else the run's
+logical date, else the day it was triggered. For a daily pipeline set `schedule="@daily"`.
 """
 
 from __future__ import annotations
@@ -50,7 +64,19 @@ KUBERNETES: dict[str, Any] = {
     "cpu": "8",
     "memory": "32Gi",
     "mlflow_secret": "mlflow-credentials",
-    "checkpoint_volume": {"claim_name": "training-checkpoints", "mount_path": "/checkpoints"},
+    # S3 credentials (and endpoint/region) for the trainer: a Secret with AWS_ACCESS_KEY_ID /
+    # AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN / AWS_ENDPOINT_URL / AWS_DEFAULT_REGION) keys. With a
+    # cloud identity instead (IRSA, workload identity) drop it and set "service_account_name".
+    "data_secret": "training-data-credentials",
+    # Mounted at the image's checkpoint directory (/mltrain/checkpoints) unless mount_path says otherwise.
+    "checkpoint_volume": {"claim_name": "training-checkpoints"},
+}
+
+# Scoring the champion needs no GPU: the same image and credentials, a CPU-sized pod.
+SCORING: dict[str, Any] = {
+    **{key: KUBERNETES[key] for key in ("namespace", "image", "mlflow_secret", "data_secret")},
+    "cpu": "2",
+    "memory": "8Gi",
 }
 
 MLFLOW_CONN_ID = "mlflow_default"
@@ -58,20 +84,49 @@ AWS_CONN_ID = "aws_default"
 LABEL_COLUMN = "label"
 
 
+def _storage_path(uri: str) -> Any:
+    """``uri`` as an Airflow ``ObjectStoragePath``: ``s3://`` through the ``aws_default`` connection (its
+    credentials and ``endpoint_url``, never the worker's environment), ``file://`` and plain paths as is."""
+    from airflow.sdk import ObjectStoragePath
+
+    if uri.startswith("s3://"):
+        return ObjectStoragePath(uri, conn_id=AWS_CONN_ID)
+    return ObjectStoragePath(uri if "://" in uri else f"file://{uri}")
+
+
 def _read_parquet(uri: str) -> Any:
-    """Read one Parquet object (``s3://`` needs ``s3fs`` on the worker; ``file://`` works as is)."""
+    """Read one Parquet object (``s3://`` or local)."""
     import pandas as pd
 
-    return pd.read_parquet(uri.removeprefix("file://") if uri.startswith("file://") else uri)
+    with _storage_path(uri).open("rb") as fh:
+        return pd.read_parquet(fh)
+
+
+def _write_parquet(frame: Any, uri: str) -> None:
+    """Write ``frame`` as one Parquet object (``s3://`` or local; local directories are created)."""
+    path = _storage_path(uri)
+    if not uri.startswith("s3://"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:
+        frame.to_parquet(fh, index=False)
+
+
+def _data_day(dag_run: Any) -> str:
+    """The day folder a run reads: its logical date's, or for a manual run without one the day it ran."""
+    return (dag_run.logical_date or dag_run.run_after).strftime("%Y-%m-%d")
 
 
 with DAG(
     dag_id="ml_training_pipeline",
     description="Daily digits classifier: wait for data, sweep on GPUs, gate on quality, register.",
     doc_md=__doc__,
-    schedule="@daily",
+    # Manual runs only, so a user trying the DAG is not surprised: with "@daily", unpausing it starts a
+    # run for the last interval at once, whose sensor waits for a day that may never land while the
+    # user's own triggered run queues behind it (max_active_runs=1). For production set "@daily".
+    schedule=None,
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
+    # One sweep at a time: the GPUs are the limit, and runs of one model would race for "champion".
     max_active_runs=1,
     tags=["ml", "training", "mlflow", "gpu"],
     default_args={
@@ -82,6 +137,11 @@ with DAG(
     },
     params={
         "data_root": Param("s3://ml-datasets/digits", type="string", description="where daily folders land"),
+        "day": Param(
+            None,
+            type=["null", "string"],
+            description="the <data_root>/<day>/ folder to train on (YYYY-MM-DD); default: the run's logical date",
+        ),
         "model_name": Param("digits-classifier", type="string", description="registered model name"),
         "experiment_name": Param("digits-daily", type="string"),
         "epochs": Param(5, type="integer", minimum=1),
@@ -92,16 +152,22 @@ with DAG(
         "min_improvement": Param(0.005, type="number", description="over the champion's val_accuracy"),
     },
     render_template_as_native_obj=True,
+    user_defined_macros={"data_day": _data_day},
 ) as dag:
     wait_for_data = DatasetSensor(
         task_id="wait_for_data",
-        uri="{{ params.data_root }}/{{ ds }}/*.parquet",
+        uri="{{ params.data_root }}/{{ params.day or data_day(dag_run) }}/*.parquet",
         success_marker="_SUCCESS",
         min_objects=1,
         aws_conn_id=AWS_CONN_ID,
         poke_interval=60,
-        timeout=dt.timedelta(hours=12).total_seconds(),
-        retries=0,
+        # Deferred, the wait costs a triggerer slot, not a worker; a day that has not landed in 6 hours
+        # fails the run with what was missing (a timeout is final: retries do not restart the wait).
+        timeout=dt.timedelta(hours=6).total_seconds(),
+        # Errors (a missing bucket, refused credentials) fail the try with the cause in the log; two
+        # retries 5 minutes apart leave time to fix the connection or create the bucket.
+        retries=2,
+        retry_delay=dt.timedelta(minutes=5),
     )
 
     with TaskGroup("data_preparation") as data_preparation:
@@ -135,12 +201,8 @@ with DAG(
             train, val = train_test_split(frame, test_size=0.2, random_state=0, stratify=frame[LABEL_COLUMN])
             out = uris[0].rsplit("/", 1)[0] + "/prepared"
             path = out.removeprefix("file://")
-            if "://" not in path:
-                import os
-
-                os.makedirs(path, exist_ok=True)
-            train.to_parquet(f"{path}/train.parquet", index=False)
-            val.to_parquet(f"{path}/val.parquet", index=False)
+            _write_parquet(train, f"{path}/train.parquet")
+            _write_parquet(val, f"{path}/val.parquet")
             log.info("prepared %d train / %d val rows in %s", len(train), len(val), out)
             return path
 
@@ -159,6 +221,9 @@ with DAG(
         task_id="train",
         **KUBERNETES,
         mlflow_conn_id=MLFLOW_CONN_ID,
+        # A local trainer reads s3:// data with this connection's credentials (in its own environment);
+        # pods read KUBERNETES["data_secret"].
+        aws_conn_id=AWS_CONN_ID,
         experiment_name="{{ params.experiment_name }}",
         arguments=["--data", "{{ ti.xcom_pull(task_ids='data_preparation.preprocess') }}"],
         max_active_tis_per_dag=4,
@@ -193,15 +258,36 @@ with DAG(
 
     best = pick_best(train.output)
 
+    # Like for like: the champion scored on today's holdout, where the data is (a pod, or a local process
+    # with the local launcher), so the gate compares two models on the same rows instead of today's
+    # challenger with numbers the champion got on its own day's data. Before the first champion exists
+    # the scorer writes empty metrics, which the gate reads as "no champion yet".
+    score_champion = GPUTrainingPodOperator(
+        task_id="score_champion",
+        **SCORING,
+        mlflow_conn_id=MLFLOW_CONN_ID,
+        aws_conn_id=AWS_CONN_ID,
+        cmds=["python", "-m", "gpu_trainer.evaluate"],
+        arguments=[
+            "--model-uri",
+            "models:/{{ params.model_name }}@champion",
+            "--data",
+            "{{ ti.xcom_pull(task_ids='data_preparation.preprocess') }}",
+            "--allow-missing-model",
+        ],
+    )
+
     quality_gate = ModelQualityBranchOperator(
         task_id="quality_gate",
         metrics=best["metrics"],
+        run_id=best["run_id"],
         thresholds={
             "val_accuracy": {"min": "{{ params.min_val_accuracy }}"},
             "val_loss": {"max": "{{ params.max_val_loss }}"},
         },
         champion_model="{{ params.model_name }}",
         champion_alias="champion",
+        champion_metrics=score_champion.output,
         min_improvement={"val_accuracy": "{{ params.min_improvement }}"},
         pass_task_ids="register",
         fail_task_ids="skip_registration",
@@ -246,5 +332,5 @@ with DAG(
 
     # The training pods read the prepared data through a template, which adds no dependency by itself.
     wait_for_data >> data_preparation
-    prepared >> train
+    prepared >> [train, score_champion]
     quality_gate >> [register, skip_registration] >> notify(best)

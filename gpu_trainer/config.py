@@ -275,7 +275,8 @@ def resolve_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Tr
     unknown = sorted(set(hyperparameters) - known)
     if unknown:
         raise TrainerError(
-            f"unknown hyperparameter(s) {unknown} in {contract.ENV_HYPERPARAMETERS}; allowed: {sorted(known)}"
+            f"unknown hyperparameter(s) {unknown} in {contract.ENV_HYPERPARAMETERS}; "
+            f"allowed: {sorted(known - set(contract.RESERVED_HYPERPARAMETERS))}"
         )
     values: dict[str, Any] = {}
     for name in sorted(known):

@@ -94,3 +94,11 @@ def test_flags_still_set_the_locations_by_hand():
     cfg = resolve_config(["--data", "d", "--output", "/mine.json", "--checkpoint-dir", "/my/ckpt"], env)
     assert (cfg.output, cfg.checkpoint_dir) == ("/mine.json", "/my/ckpt")
     assert resolve_config(["--data", "d"], env).output == "/env/result.json"
+
+
+def test_unknown_key_lists_only_real_hyperparameters():
+    with pytest.raises(TrainerError) as info:
+        resolve_config(["--data", "d"], {contract.ENV_HYPERPARAMETERS: json.dumps({"learning_rate": 0.1})})
+    allowed = str(info.value).split("allowed: ", 1)[1]
+    assert "'lr'" in allowed
+    assert not [key for key in contract.RESERVED_HYPERPARAMETERS if repr(key) in allowed]

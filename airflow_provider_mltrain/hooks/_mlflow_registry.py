@@ -383,6 +383,9 @@ class MLflowRegistryMixin:
             version = created.version
             self.log.info("Created model %r version %s from %s", name, version, source.source)
             existing = self._drop_if_duplicate(name, source, str(version))
+            if existing is None and source.model_id and not self._is_remote(self.registry_uri):
+                # A tracking server records this itself when given the model_id.
+                self._link_logged_model(source.model_id, name, str(version), linked=True)
         if existing is not None:
             version = existing.version
             self.log.info(
@@ -401,6 +404,36 @@ class MLflowRegistryMixin:
                 self._client.update_model_version(name, str(version), description=description)
             ready = self._client.get_model_version(name, str(version))
         return ready, existing is None
+
+    def _link_logged_model(self, model_id: str, name: str, version: str, *, linked: bool) -> None:
+        """Add (or remove) the version in its logged model's tag ``mlflow.modelVersions``.
+
+        That tag is what links a logged model to its registered versions (MLflow's SQL registry stores keep
+        no ``model_id`` on a version); ``mlflow.register_model`` and a tracking server maintain it. Best
+        effort: the registration stands without it.
+        """
+        import json
+
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        entry = {"name": name, "version": version}
+        try:
+            logged = self._client.get_logged_model(model_id)
+            entries = [
+                e
+                for e in json.loads(logged.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+                if (e.get("name"), str(e.get("version"))) != (name, version)
+            ]
+            entries += [entry] if linked else []
+            self._client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(entries)})
+        except Exception as err:
+            self.log.warning(
+                "Could not update logged model %s's link to model %r version %s: %s",
+                model_id,
+                name,
+                version,
+                err,
+            )
 
     def _drop_if_duplicate(self, name: str, source: ModelSource, version: str) -> ModelVersion | None:
         """After creating ``version``: the older version of the same source, if a concurrent call made one.
@@ -428,6 +461,9 @@ class MLflowRegistryMixin:
             self._client.delete_model_version(name, version)
         except Exception as err:  # the duplicate is harmless; failing the task for it would not be
             self.log.warning("Could not delete duplicate model %r version %s: %s", name, version, err)
+            return oldest
+        if source.model_id and self._is_remote(self.registry_uri):
+            self._link_logged_model(source.model_id, name, version, linked=False)
         return oldest
 
     # -- alias moves -------------------------------------------------------------------------------

@@ -101,22 +101,33 @@ class Tracker:
         self._retry_seconds = retry_seconds
         self._next_attempt = 0.0
         self._unreachable_since: float | None = None
-        mlflow.set_experiment(experiment)
-        run = None
-        if resume_run_id:
-            try:
-                run = mlflow.start_run(run_id=resume_run_id)
-                log.info("continuing MLflow run %s", resume_run_id)
-            except Exception as err:  # deleted run or a different tracking server: keep training, say so
-                log.warning("cannot continue MLflow run %s (%s); starting a new run", resume_run_id, err)
-        if run is None:
-            run = mlflow.start_run(run_name=run_name)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._start(experiment, run_name, resume_run_id)
+        except MlflowException as err:
+            # Nothing trained yet, so nothing is lost: fail in one line (bounded by the HTTP limits above)
+            # rather than train a run whose metrics have nowhere to go.
+            raise TrainerError(
+                f"cannot start the MLflow run at {mlflow.get_tracking_uri()}: {one_line(err)[:500]}"
+            ) from err
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
         self.resumed = run.info.run_id == resume_run_id
         tags = contract.lineage_tags(lineage)
         tags["mltrain.trainer"] = "gpu_trainer"
         mlflow.set_tags(tags)
+
+    def _start(self, experiment: str, run_name: str | None, resume_run_id: str | None) -> Any:
+        self._mlflow.set_experiment(experiment)
+        if resume_run_id:
+            try:
+                run = self._mlflow.start_run(run_id=resume_run_id)
+                log.info("continuing MLflow run %s", resume_run_id)
+                return run
+            except Exception as err:  # deleted run or a different tracking server: keep training, say so
+                log.warning("cannot continue MLflow run %s (%s); starting a new run", resume_run_id, err)
+        return self._mlflow.start_run(run_name=run_name)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params once; a resumed run keeps those it has (MLflow params are immutable) and adds new ones."""

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from mlflow.tracking import MlflowClient
 
 from gpu_trainer import checkpoint
-from tests.fixtures.mlflow_servers import start_server, stop_server
+from tests.fixtures.mlflow_servers import free_port, start_server, stop_server
 
 from .conftest import BASE_ARGS, REPO_ROOT, run_trainer, trainer_env
 
@@ -180,3 +180,14 @@ def test_outage_until_the_end_fails_clearly_and_the_retry_delivers(tmp_path, dig
         assert _metric_steps(uri, result["run_id"], "val_accuracy") == list(range(1, EPOCHS + 1))
     finally:
         stop_server(server)
+
+
+def test_unreachable_at_start_fails_in_one_line_within_the_bounded_retries(tmp_path, digits_dir):
+    # Nothing listens on this port. With MLflow's own defaults (7 retries, backoff factor 2) the first call
+    # would retry for minutes; the trainer's bounds end it in seconds, well inside run_trainer's timeout.
+    uri = f"http://127.0.0.1:{free_port()}"
+    env = trainer_env(uri, MLFLOW_EXPERIMENT_NAME="outage")
+    proc = run_trainer(_args(digits_dir, tmp_path), env, timeout=90)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"gpu_trainer: error: cannot start the MLflow run at {uri}:" in proc.stderr
+    assert "Traceback" not in proc.stderr

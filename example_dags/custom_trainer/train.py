@@ -33,7 +33,12 @@ def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 (x, y), (vx, vy) = load("train"), load("val")
 classes = int(y.max()) + 1
 model = torch.nn.Sequential(
-    torch.nn.Linear(x.shape[1], hp["hidden_dim"]), torch.nn.ReLU(), torch.nn.Linear(hp["hidden_dim"], classes)
+    torch.nn.BatchNorm1d(
+        x.shape[1]
+    ),  # scales raw features inside the model, so the logged model needs no preprocessing
+    torch.nn.Linear(x.shape[1], hp["hidden_dim"]),
+    torch.nn.ReLU(),
+    torch.nn.Linear(hp["hidden_dim"], classes),
 )
 optimizer = torch.optim.Adam(model.parameters(), lr=hp["lr"])
 

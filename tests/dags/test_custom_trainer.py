@@ -13,18 +13,40 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from airflow_provider_mltrain.hooks.mlflow import connection_json
 from airflow_provider_mltrain.testing import run_dag, xcom_value
 from gpu_trainer import contract
-from tests.dags.test_example_dags import _load, local_pipeline_env  # noqa: F401
 
-CUSTOM_TRAINER = Path(__file__).resolve().parents[2] / "example_dags" / "custom_trainer" / "train.py"
+EXAMPLES = Path(__file__).resolve().parents[2] / "example_dags"
+CUSTOM_TRAINER = EXAMPLES / "custom_trainer" / "train.py"
 
 
-def test_custom_trainer_in_the_example_pipeline_then_resumes(local_pipeline_env, mlflow_server):  # noqa: F811
+@pytest.fixture
+def pipeline(airflow_db, airflow_conn, mlflow_server, monkeypatch, tmp_path):
+    """The example pipeline on the embedded default (local launcher, the real MLflow server), with the
+    plain-PyTorch script as its training command."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("AIRFLOW__MLTRAIN__LAUNCHER", "local")
+    monkeypatch.setenv("AIRFLOW__MLTRAIN__LOCAL_CHECKPOINT_ROOT", str(tmp_path / "checkpoints"))
+    airflow_conn("mlflow_default", connection_json(mlflow_server.uri))
+    bag = DagBag(dag_folder=str(EXAMPLES / "ml_training_pipeline.py"))
+    assert bag.import_errors == {}
+    dag = bag.get_dag("ml_training_pipeline")
+    for t in dag.tasks:
+        t.retries = 0  # production retries wait minutes; here a failure fails the test at once
+    # The one change a team makes: their script instead of the bundled trainer (on Kubernetes, their image
+    # and this command).
+    dag.get_task("train").partial_kwargs["cmds"] = ["python", str(CUSTOM_TRAINER)]
+    return dag
+
+
+def test_custom_trainer_in_the_example_pipeline_then_resumes(pipeline, mlflow_server, tmp_path):
     from airflow_provider_mltrain.hooks.mlflow import MLflowHook
     from gpu_trainer.digits import write_digits
 
-    tmp_path = local_pipeline_env
     logical_date = dt.datetime(2026, 11, 21, 6, tzinfo=dt.timezone.utc)
     day = tmp_path / "data" / "2026-11-21"
     write_digits(str(day), single_file=True)
@@ -38,12 +60,8 @@ def test_custom_trainer_in_the_example_pipeline_then_resumes(local_pipeline_env,
         "learning_rates": [0.01],
         "hidden_dims": [32, 64],
     }
-    dag = _load("ml_training_pipeline")
-    # The one change a team makes: their script instead of the bundled trainer (here, instead of their
-    # image's entry point).
-    dag.get_task("train").partial_kwargs["cmds"] = ["python", str(CUSTOM_TRAINER)]
 
-    dag_run = run_dag(dag, logical_date=logical_date, run_conf=conf)
+    dag_run = run_dag(pipeline, logical_date=logical_date, run_conf=conf)
 
     assert dag_run.state == "success", {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
     assert dag_run.get_task_instance("register").state == "success"

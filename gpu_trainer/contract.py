@@ -133,11 +133,12 @@ def check_reserved_hyperparameters(names: Any) -> None:
     :param names: the hyperparameter names (a mapping's keys).
     :raises ContractError: naming the key and what to use instead.
     """
-    for name in sorted(set(names) & set(RESERVED_HYPERPARAMETERS)):
-        raise ContractError(
-            f"{name!r} is not a hyperparameter: {RESERVED_HYPERPARAMETERS[name]} "
-            f"(reserved names: {sorted(RESERVED_HYPERPARAMETERS)})"
+    reserved = sorted(set(names) & set(RESERVED_HYPERPARAMETERS))
+    if reserved:
+        reasons = "; ".join(
+            f"{name!r} is not a hyperparameter: {RESERVED_HYPERPARAMETERS[name]}" for name in reserved
         )
+        raise ContractError(f"{reasons} (reserved names: {sorted(RESERVED_HYPERPARAMETERS)})")
 
 
 def encode_hyperparameters(hyperparameters: Mapping[str, Any]) -> str:
@@ -227,7 +228,7 @@ def validate_result(result: Any, *, require_metrics: tuple[str, ...] = ()) -> di
         problems.append(f"schema_version must be an int, got {version!r}")
     elif isinstance(version, int) and version > SCHEMA_VERSION:
         problems.append(f"schema_version {version} is newer than this side understands ({SCHEMA_VERSION})")
-    for key in ("run_id", "model_uri", "experiment_id"):
+    for key in ("run_id", "model_uri", *OPTIONAL_RESULT_KEYS):
         if key in result and result[key] is not None and not isinstance(result[key], str):
             problems.append(f"{key} must be a string or null, got {type(result[key]).__name__}")
     metrics = result.get("metrics")

@@ -252,3 +252,11 @@ def test_trainer_environment_refuses_unknown_mlflow_variables():
         contract.trainer_environment(
             hyperparameters={}, checkpoint_dir=None, mlflow={"MLFLOW_TRACKING_URL": "http://x"}
         )
+
+
+def test_every_reserved_key_is_named_at_once():
+    with pytest.raises(ContractError) as info:
+        contract.check_reserved_hyperparameters({"lr": 0.1, "run_name": "x", "output": "y"})
+    message = str(info.value)
+    assert "'output' is not a hyperparameter" in message and "'run_name' is not a hyperparameter" in message
+    assert "'lr'" not in message.split("(reserved names")[0]

@@ -31,9 +31,12 @@ TRACKING_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
-#: Seconds between delivery attempts while the tracking server is unreachable (default, and the variable
-#: that overrides it; trainer-only tuning, so it lives here rather than in the operator contract).
+#: Seconds before the first retry while the tracking server is unreachable (default, and the variable that
+#: overrides it; trainer-only tuning, so it lives here rather than in the operator contract). The wait
+#: doubles after each failed attempt up to the maximum: against a hung server each attempt can block
+#: training for the whole bounded call, so a long outage must cost a small share of the time.
 DEFAULT_TRACKING_RETRY_SECONDS = 30.0
+MAX_TRACKING_RETRY_SECONDS = 600.0
 ENV_TRACKING_RETRY_SECONDS = "MLTRAIN_TRACKING_RETRY_SECONDS"
 #: MLflow's log_batch accepts at most 1000 metrics per request.
 _BATCH_METRICS = 1000
@@ -81,7 +84,8 @@ class Tracker:
     :param resume_run_id: continue this run (from a checkpoint) instead of starting one.
     :param lineage: the parsed ``MLTRAIN_LINEAGE``; recorded as ``airflow.*`` tags.
     :param pending_metrics: metric rows a previous try could not deliver (from its checkpoint); sent first.
-    :param retry_seconds: while the server is unreachable, wait this long between delivery attempts.
+    :param retry_seconds: while the server is unreachable, wait this long before the next delivery attempt
+        (doubling per failed attempt, up to ``MAX_TRACKING_RETRY_SECONDS``).
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class Tracker:
         self._mlflow = mlflow
         self._pending: list[dict[str, Any]] = [dict(row) for row in pending_metrics]
         self._retry_seconds = retry_seconds
+        self._backoff = retry_seconds
         self._next_attempt = 0.0
         self._unreachable_since: float | None = None
         from mlflow.exceptions import MlflowException
@@ -175,7 +180,7 @@ class Tracker:
         try:
             self._send(self._pending)
         except Exception as err:
-            self._next_attempt = now + self._retry_seconds
+            self._next_attempt = now + self._backoff
             if self._unreachable_since is None:
                 self._unreachable_since = now
             log.warning(
@@ -183,8 +188,9 @@ class Tracker:
                 "(kept in checkpoints), next attempt in %.0f s",
                 one_line(err)[:300],
                 len(self._pending),
-                self._retry_seconds,
+                self._backoff,
             )
+            self._backoff = min(self._backoff * 2, max(MAX_TRACKING_RETRY_SECONDS, self._retry_seconds))
             return False
         if self._unreachable_since is not None:
             log.warning(
@@ -193,6 +199,7 @@ class Tracker:
                 len(self._pending),
             )
         self._unreachable_since = None
+        self._backoff = self._retry_seconds
         self._pending.clear()
         return True
 

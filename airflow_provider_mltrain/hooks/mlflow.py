@@ -164,9 +164,16 @@ class MLflowHook(MLflowRegistryMixin, BaseHook):
         try:
             conn = self.get_connection(self.mlflow_conn_id)
         except AirflowNotFoundException as err:
+            env_var = f"AIRFLOW_CONN_{self.mlflow_conn_id.upper()}"
             raise MLflowConnectionError(
-                f"MLflow connection {self.mlflow_conn_id!r} is not defined: create it in the UI or set "
-                f"AIRFLOW_CONN_{self.mlflow_conn_id.upper()}='mlflow://...' (see the README)"
+                f"MLflow connection {self.mlflow_conn_id!r} is not defined here: create it in the UI or "
+                f"set {env_var}='mlflow://...' (see the README). If it exists in the Airflow database: "
+                "Airflow 3 reads database connections only inside a running task (through the API "
+                "server); outside one (a Python shell, a script, a test) only AIRFLOW_CONN_* variables "
+                "and secrets backends are seen. To check a database connection, use the UI's Test "
+                f"button or `airflow connections test {self.mlflow_conn_id}` (both need [core] "
+                f"test_connection = Enabled), or `airflow tasks test` a task that uses it; in a "
+                f"script, export {env_var}."
             ) from err
         extra = conn.extra_dejson
         tracking_uri, url_login, url_password = self._tracking_uri(conn.host or "", conn.schema, conn.port)

@@ -276,6 +276,14 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             _final_result=_UNSET,
         )
 
+    #: True while the local launcher builds the pod spec only to validate it.
+    _validating_pod_only: ClassVar[bool] = False
+
+    @property
+    def log(self) -> Any:
+        task_log = super().log
+        return _WithoutPodBuildMessage(task_log) if self._validating_pod_only else task_log
+
     @classmethod
     def partial(cls, **kwargs: Any) -> Any:
         """``BaseOperator.partial``, plus this operator's argument checks at DAG parse time.
@@ -743,12 +751,11 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             "contacted), then running the trainer as a process on this worker"
         )
         vars(self)["hook"] = _OfflineKubernetesHook()
-        task_log = self.log
-        vars(self)["_log"] = _WithoutPodBuildMessage(task_log)
+        vars(self)["_validating_pod_only"] = True
         try:
             pod = self.build_pod_request_obj(context, dry_run=True)
         finally:
-            vars(self)["_log"] = task_log
+            vars(self)["_validating_pod_only"] = False
         container = self._base_container(pod)
         # The user's literal env_vars (Secret references have no value here); the contract's variables
         # come from the same function as the pod's, with this machine's paths and the connection's

@@ -16,6 +16,16 @@ def test_missing_connection_names_the_id_and_the_fix():
         MLflowHook("no_such_conn").tracking_uri
 
 
+def test_missing_connection_explains_airflow_3_database_connections_outside_tasks():
+    """A connection stored in the database is invisible to code outside a task on Airflow 3: say so."""
+    with pytest.raises(MLflowConnectionError) as caught:
+        MLflowHook("in_the_db_only").tracking_uri
+    message = str(caught.value)
+    assert "Airflow 3 reads database connections only inside a running task" in message
+    assert "`airflow connections test in_the_db_only`" in message
+    assert "export AIRFLOW_CONN_IN_THE_DB_ONLY" in message
+
+
 @pytest.mark.parametrize(
     ("host", "expected"),
     [

@@ -218,3 +218,15 @@ def test_credentials_reach_only_the_child(
     )
     assert password not in everything_visible
     assert "Basic " not in pod_json
+
+
+def test_the_log_says_what_the_local_launcher_does_not_building_pod(tmp_path, local_root, caplog, capfd):
+    caplog.set_level(logging.INFO)
+    script = tmp_path / "trainer.py"
+    script.write_text(FAKE_TRAINER)
+
+    local_op(["python", str(script)], hyperparameters={"lr": 0.5}).execute(make_context())
+
+    log = caplog.text + "".join(capfd.readouterr())
+    assert "Local launcher: checking the pod spec the Kubernetes launcher would submit" in log
+    assert "Building pod" not in log

@@ -85,6 +85,7 @@ with mlflow.start_run(run_id=run_id, run_name=contract.run_name()) as run:
         os.replace(ckpt + ".tmp", ckpt)  # a kill mid-save never leaves half a checkpoint
 
     if contract.is_main_process():
+        model.eval()  # the logged model predicts (a retry after the last epoch skipped the loop above)
         model_info = mlflow.pytorch.log_model(
             model,
             name="model",

@@ -43,7 +43,7 @@ def pipeline(airflow_db, airflow_conn, mlflow_server, monkeypatch, tmp_path):
     return dag
 
 
-def test_custom_trainer_in_the_example_pipeline_then_resumes(pipeline, mlflow_server, tmp_path):
+def test_custom_trainer_in_the_example_pipeline_then_resumes(pipeline, mlflow_server, tmp_path, monkeypatch):
     from airflow_provider_mltrain.hooks.mlflow import MLflowHook
     from gpu_trainer.digits import write_digits
 
@@ -82,6 +82,21 @@ def test_custom_trainer_in_the_example_pipeline_then_resumes(pipeline, mlflow_se
     champion = client.get_model_version_by_alias(model_name, "champion")
     assert champion.run_id in {r["run_id"] for r in results}
     assert client.get_run(champion.run_id).data.metrics["val_accuracy"] >= 0.9
+    # The next DAG run's score_champion step scores it with the bundled evaluator, like any champion.
+    from gpu_trainer.evaluate import main as evaluate_main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    scored_path = tmp_path / "champion.json"
+    champion_uri = f"models:/{model_name}@champion"
+    assert (
+        evaluate_main(
+            ["--model-uri", champion_uri, "--data", str(day / "prepared"), "--output", str(scored_path)]
+        )
+        == 0
+    )
+    scored = contract.load_result(str(scored_path))
+    reported = next(r for r in results if r["run_id"] == champion.run_id)
+    assert scored["metrics"]["val_accuracy"] == pytest.approx(reported["metrics"]["val_accuracy"])
 
     # A retry of trial 0 finds its checkpoint: same run, continued from epoch 4 to 5.
     checkpoint_dir = next((tmp_path / "checkpoints" / "ml_training_pipeline" / "train").glob("*/map_0"))

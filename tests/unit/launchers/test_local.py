@@ -105,6 +105,19 @@ def test_child_environment_withholds_worker_secrets():
     assert not {k for k in env if k.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_", "AIRFLOW__"))}
 
 
+def test_child_environment_withholds_the_workers_contract_variables():
+    # The worker's own MLflow experiment, registry or checkpoint dir must not reach a task that set none.
+    base = {
+        "PATH": "/usr/bin",
+        "MLFLOW_EXPERIMENT_NAME": "worker-exp",
+        "MLFLOW_REGISTRY_URI": "http://worker-registry",
+        "MLTRAIN_CHECKPOINT_DIR": "/worker/ckpt",
+        "MLFLOW_RUN_NAME": "worker-run",
+    }
+    env = child_environment({"MLTRAIN_HYPERPARAMETERS": "{}"}, base)
+    assert env == {"PATH": "/usr/bin", "MLTRAIN_HYPERPARAMETERS": "{}", "PYTHONUNBUFFERED": "1"}
+
+
 def test_streams_output_line_by_line_and_returns_exit_code(tmp_path):
     script = tmp_path / "t.py"
     script.write_text("import sys\nprint('one', flush=True)\nprint('two', flush=True)\nsys.exit(3)\n")

@@ -48,14 +48,21 @@ DS = "2026-11-20"
 SCORE_CHAMPION = """
 import json, sys
 import mlflow.pyfunc, numpy as np, pandas as pd
-model_uri, holdout = sys.argv[1], sys.argv[2]
+from mlflow import MlflowClient
+model_name, holdout = sys.argv[1], sys.argv[2]
+model_uri = f"models:/{model_name}@champion"
+version = MlflowClient().get_model_version_by_alias(model_name, "champion")
 frame = pd.read_parquet(holdout)
 labels = frame.pop("label").to_numpy()
 predicted = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(frame))
 if predicted.ndim == 2 and predicted.shape[1] > 1:  # per-class scores
     predicted = predicted.argmax(axis=1)
 predicted = predicted.reshape(-1).astype("int64")
-print(json.dumps({"accuracy": float((predicted == labels).mean()), "rows": int(len(labels))}))
+print(json.dumps({
+    "accuracy": float((predicted == labels).mean()),
+    "rows": int(len(labels)),
+    "dag_run": version.tags.get("airflow_dag_run"),
+}))
 """
 
 
@@ -108,7 +115,7 @@ def _score_champion(mlflow_server: MlflowServer, model_name: str, holdout: str) 
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_TRACKING_")}
     env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
     result = subprocess.run(
-        [sys.executable, "-c", SCORE_CHAMPION, f"models:/{model_name}@champion", holdout],
+        [sys.executable, "-c", SCORE_CHAMPION, model_name, holdout],
         env=env,
         capture_output=True,
         text=True,
@@ -182,4 +189,5 @@ def test_pipeline_runs_on_the_real_topology_and_registers_a_champion_that_scores
         f"{time.monotonic() - started:.0f} s after it; champion accuracy on {scored['rows']} raw held-out "
         f"rows: {scored['accuracy']:.4f}"
     )
+    assert scored["dag_run"] == run_id
     assert scored["accuracy"] >= 0.90

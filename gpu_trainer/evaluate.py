@@ -3,6 +3,10 @@
 ``--model-uri`` is anything MLflow resolves (``runs:/<run_id>/model``, ``models:/<name>/<version>``,
 ``models:/<name>@champion``, ``models:/m-...``). The metrics are ``val_accuracy``, ``val_loss`` and
 ``val_f1`` on the holdout, written with ``contract.make_result`` like the trainer's.
+
+With ``--allow-missing-model`` a URI that names nothing yet (no such registered model, alias or run) is
+not an error: the result has empty metrics and ``params.model_found`` false. A quality gate scoring
+``models:/<name>@champion`` before the first champion exists reads that as "no champion yet".
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -19,7 +24,7 @@ import torch
 
 from gpu_trainer import contract, runtime
 from gpu_trainer.data import load_holdout
-from gpu_trainer.errors import TrainerError, run_cli
+from gpu_trainer.errors import TrainerError, one_line, run_cli
 from gpu_trainer.metrics import evaluate
 
 log = logging.getLogger("gpu_trainer")
@@ -44,7 +49,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="device; default: auto"
     )
+    parser.add_argument(
+        "--allow-missing-model",
+        action="store_true",
+        help="a model URI that names nothing yet writes empty metrics (params.model_found false) instead "
+        "of failing",
+    )
     return parser
+
+
+#: ``models:/<name>@<alias>``: the one URI form whose missing alias MLflow reports as a bad parameter.
+_ALIAS_URI = re.compile(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)")
+
+
+def _names_nothing(model_uri: str, err: Exception) -> bool:
+    """Whether loading failed because the URI names no model (as opposed to a broken or unreachable one).
+
+    :param model_uri: the URI that failed to load.
+    :param err: the error MLflow raised.
+    """
+    code = getattr(err, "error_code", None)
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    match = _ALIAS_URI.fullmatch(model_uri)
+    if match is None or code != "INVALID_PARAMETER_VALUE":
+        return False
+    from mlflow import MlflowClient
+
+    try:
+        aliases = MlflowClient().get_registered_model(match["name"]).aliases
+    except Exception:  # unreachable or refused: not evidence that the alias is free
+        return False
+    return match["alias"] not in aliases
 
 
 def evaluate_model(
@@ -56,6 +92,7 @@ def evaluate_model(
     feature_columns: Sequence[str] = (),
     batch_size: int = 1024,
     device: str = "auto",
+    allow_missing_model: bool = False,
 ) -> dict:
     """Load ``model_uri`` from MLflow, score it on ``data`` and write the result to ``output``.
 
@@ -66,6 +103,7 @@ def evaluate_model(
     :param feature_columns: feature columns; empty means every other numeric column.
     :param batch_size: evaluation batch size.
     :param device: ``auto``, ``cpu`` or ``cuda``.
+    :param allow_missing_model: a URI that names no model writes empty metrics instead of failing.
     :raises TrainerError: when the model cannot be loaded or the data is bad.
     """
     import mlflow.pytorch
@@ -77,6 +115,17 @@ def evaluate_model(
         info = get_model_info(model_uri)
         model = mlflow.pytorch.load_model(model_uri)
     except Exception as err:  # MLflow raises many types for "not found" / "not a pytorch model"
+        if allow_missing_model and _names_nothing(model_uri, err):
+            log.info("%s names no model yet (%s): writing empty metrics", model_uri, one_line(err))
+            result = contract.make_result(
+                run_id=None,
+                model_uri=model_uri,
+                metrics={},
+                params={"data": data, "rows": len(split), "model_found": False},
+                resumed_from_epoch=None,
+            )
+            contract.write_result(output, result)
+            return result
         raise TrainerError(
             f"--model-uri {model_uri!r} cannot be loaded: {type(err).__name__}: {err}"
         ) from err
@@ -92,7 +141,13 @@ def evaluate_model(
         run_id=info.run_id,
         model_uri=model_uri,
         metrics=scores.as_metrics("val_"),
-        params={"data": data, "rows": len(split), "features": len(columns), "label_column": label_column},
+        params={
+            "data": data,
+            "rows": len(split),
+            "features": len(columns),
+            "label_column": label_column,
+            "model_found": True,
+        },
         resumed_from_epoch=None,
     )
     contract.write_result(output, result)
@@ -125,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             feature_columns=[part.strip() for part in args.feature_columns.split(",") if part.strip()],
             batch_size=args.batch_size,
             device=args.device,
+            allow_missing_model=args.allow_missing_model,
         )
 
     return run_cli(command)

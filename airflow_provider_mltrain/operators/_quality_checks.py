@@ -198,6 +198,68 @@ def parse_metrics(value: Any, param: str = "metrics") -> dict[str, float]:
     return {name: float(metric) for name, metric in value.items()}
 
 
+def _decode(value: Any, param: str) -> Any:
+    """A templated value's string form (JSON or a Python literal) decoded; anything else as is."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(
+                f"{param} must be a dict (or its JSON form), got the string {text[:200]!r}"
+            ) from err
+
+
+@dataclasses.dataclass
+class Rescore:
+    """The champion's metrics measured again on the candidate's holdout (like-for-like comparison).
+
+    :param metrics: metric -> value; empty when the scorer found no model to score (no champion yet).
+    :param run_id: the MLflow run behind the scored model, when the scorer reports it.
+    :param model_uri: the model URI that was scored.
+    :param data: what it was scored on.
+    :param rows: how many rows it was scored on.
+    """
+
+    metrics: dict[str, float]
+    run_id: str | None = None
+    model_uri: str | None = None
+    data: str | None = None
+    rows: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_rescore(value: Any, param: str = "champion_metrics") -> Rescore | None:
+    """The champion's re-scored metrics: a metrics dict, or the whole result ``gpu_trainer.evaluate`` wrote.
+
+    :param value: ``None`` / ``""`` (nothing was scored), a dict of metric -> number, a trainer-contract
+        result (keys ``schema_version``, ``run_id``, ``model_uri``, ``metrics``, ``params``), or the JSON /
+        Python-literal string of either.
+    :param param: the parameter name for error messages.
+    :raises ValueError: naming the parameter and what was wrong.
+    """
+    if value is None or (isinstance(value, str) and value.strip() in ("", "None", "null")):
+        return None
+    value = _decode(value, param)
+    if isinstance(value, Mapping) and "schema_version" in value and "metrics" in value:
+        params = value.get("params") if isinstance(value.get("params"), Mapping) else {}
+        rows = params.get("rows")
+        return Rescore(
+            metrics=parse_metrics(value["metrics"], f"{param}['metrics']"),
+            run_id=str(value["run_id"]) if value.get("run_id") else None,
+            model_uri=str(value["model_uri"]) if value.get("model_uri") else None,
+            data=str(params["data"]) if params.get("data") else None,
+            rows=int(rows) if isinstance(rows, int) and not isinstance(rows, bool) else None,
+        )
+    return Rescore(metrics=parse_metrics(value, param))
+
+
 def higher_is_better_for(metric: str, overrides: Mapping[str, bool]) -> bool:
     """The direction of ``metric``: the override, else lower-is-better for names with 'loss' or 'error'.
 
@@ -221,6 +283,8 @@ class Check:
     :param champion_value: the champion's value of a ``vs_champion`` check.
     :param required: the improvement required over the champion.
     :param improvement: the improvement achieved (absolute, or a fraction when relative).
+    :param champion_recorded_value: like-for-like mode: the value the champion's own run recorded (on
+        its own data), shown beside ``champion_value``, its score on the candidate's holdout.
     :param passed: the verdict.
     :param detail: a sentence explaining the verdict.
     """
@@ -234,6 +298,7 @@ class Check:
     champion_value: float | None = None
     required: float | None = None
     improvement: float | None = None
+    champion_recorded_value: float | None = None
 
     @property
     def verdict(self) -> str:
@@ -275,6 +340,7 @@ def evaluate(
     higher_is_better: Mapping[str, bool] | None = None,
     on_no_champion: str = "pass",
     on_missing_metric: str = "raise",
+    rescored: Mapping[str, float] | None = None,
 ) -> list[Check]:
     """Every check the gate makes, in order: absolute thresholds first, then the champion comparison.
 
@@ -288,6 +354,8 @@ def evaluate(
     :param higher_is_better: direction overrides.
     :param on_no_champion: ``pass`` or ``fail`` when no version holds the alias.
     :param on_missing_metric: ``raise`` (a clear error) or ``fail_branch`` (a failed check).
+    :param rescored: like-for-like mode: the champion's metrics on the candidate's holdout, compared
+        instead of the ones its own run recorded (which are reported beside them).
     :raises MissingMetricError: a needed metric is absent and ``on_missing_metric`` is ``raise``.
     """
     directions = dict(higher_is_better or {})
@@ -332,8 +400,11 @@ def evaluate(
         )
         return checks
     required_by_metric = dict(min_improvement) or {metric: 0.0 for metric in thresholds}
-    champion_metrics: Mapping[str, float] = champion.get("metrics") or {}
+    recorded: Mapping[str, float] = champion.get("metrics") or {}
+    champion_metrics: Mapping[str, float] = recorded if rescored is None else rescored
     label = f"champion version {champion.get('version')} (run {champion.get('run_id')})"
+    if rescored is not None:
+        label += " re-scored on the candidate's holdout"
     for metric, required in required_by_metric.items():
         if metric not in candidate:
             checks.append(_missing(metric, "the candidate's metrics", candidate, on_missing_metric))
@@ -353,17 +424,20 @@ def evaluate(
         ok = improvement >= required - TOLERANCE
         unit = " (relative)" if relative_improvement else ""
         direction = "higher" if higher else "lower"
+        recorded_value = float(recorded[metric]) if rescored is not None and metric in recorded else None
+        recorded_note = "" if recorded_value is None else f"; its own run recorded {_fmt(recorded_value)}"
         checks.append(
             Check(
                 metric,
                 "vs_champion",
                 value,
                 ok,
-                f"improvement {_fmt(improvement)}{unit} over {label} ({direction} is better) "
-                f"{'>=' if ok else '<'} required {_fmt(required)}",
+                f"improvement {_fmt(improvement)}{unit} over {label}: {_fmt(best)}{recorded_note} "
+                f"({direction} is better) {'>=' if ok else '<'} required {_fmt(required)}",
                 champion_value=best,
                 required=required,
                 improvement=improvement,
+                champion_recorded_value=recorded_value,
             )
         )
     return checks

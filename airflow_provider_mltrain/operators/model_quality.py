@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from airflow.exceptions import AirflowException
 from airflow.providers.standard.operators.branch import BaseBranchOperator
 
 from airflow_provider_mltrain.hooks.mlflow import MLflowHook
@@ -13,8 +14,10 @@ from airflow_provider_mltrain.operators._quality_checks import (
     ON_MISSING_METRIC,
     ON_NO_CHAMPION,
     Check,
+    Rescore,
     evaluate,
     parse_metrics,
+    parse_rescore,
     render_table,
     validate_choice,
     validate_higher_is_better,
@@ -30,9 +33,13 @@ if TYPE_CHECKING:
 class ModelQualityBranchOperator(BaseBranchOperator):
     """Route to ``pass_task_ids`` when a candidate model meets every gate, else to ``fail_task_ids``.
 
-    Gates are absolute ``thresholds`` and, with ``champion_model``, an improvement over the metrics of the
-    run behind the version holding ``champion_alias``. Every decision is explained: a table in the task
-    log and the XCom ``quality_report`` (each check, its value, bound or champion value, and verdict).
+    Gates are absolute ``thresholds`` and, with ``champion_model``, an improvement over the champion, the
+    version holding ``champion_alias``. By default the champion's numbers are those its own run recorded,
+    on the data of its day. With ``champion_metrics`` the comparison is like for like: the champion scored
+    on the candidate's own holdout (e.g. by ``python -m gpu_trainer.evaluate`` in a
+    ``GPUTrainingPodOperator``), and the report shows both numbers. Every decision is explained: a table
+    in the task log and the XCom ``quality_report`` (each check, its value, bound or champion value, and
+    verdict).
 
     .. code-block:: python
 
@@ -49,12 +56,19 @@ class ModelQualityBranchOperator(BaseBranchOperator):
     :param pass_task_ids: task id(s) to follow when every check passes.
     :param fail_task_ids: task id(s) to follow otherwise.
     :param metrics: the candidate's metrics, a dict of name -> number (templated; an XComArg such as
-        ``train.output["metrics"]``, a dict, or its JSON / Python-literal string). Exclusive with ``run_id``.
-    :param run_id: read the candidate's metrics from this MLflow run instead (templated).
+        ``train.output["metrics"]``, a dict, or its JSON / Python-literal string).
+    :param run_id: the candidate's MLflow run (templated): shown in the report; without ``metrics`` its
+        metrics are read from MLflow. Set ``metrics``, ``run_id`` or both.
     :param thresholds: absolute gates, ``{"val_accuracy": {"min": 0.9}, "val_loss": {"max": 0.3}}``
         (templated: a bound may be a Jinja string such as ``"{{ params.min_val_accuracy }}"``).
     :param champion_model: registered model whose alias holder is the champion to beat (templated).
     :param champion_alias: the alias naming the champion (templated).
+    :param champion_metrics: like-for-like mode: the champion's metrics on the candidate's holdout
+        (templated): the result ``gpu_trainer.evaluate`` wrote (``score_champion.output``; its ``run_id`` must
+        be the alias holder's) or a dict of metric -> number. Empty metrics (the scorer found no model)
+        or ``None`` while no version holds the alias mean there is no champion yet (``on_no_champion``
+        decides); empty while a version holds it fails the task, since the gate would otherwise compare
+        with numbers from other data. Needs ``champion_model``.
     :param min_improvement: metric -> how much better than the champion the candidate must be (absolute,
         or a fraction of the champion's value with ``relative_improvement``; negative tolerates a
         regression). When empty with ``champion_model`` set, the ``thresholds`` metrics must not be worse
@@ -75,6 +89,7 @@ class ModelQualityBranchOperator(BaseBranchOperator):
         "thresholds",
         "champion_model",
         "champion_alias",
+        "champion_metrics",
         "min_improvement",
     )
     ui_color = "#fdf1d6"
@@ -89,6 +104,7 @@ class ModelQualityBranchOperator(BaseBranchOperator):
         thresholds: dict[str, dict[str, float]] | None = None,
         champion_model: str | None = None,
         champion_alias: str = "champion",
+        champion_metrics: Any = None,
         min_improvement: dict[str, float] | None = None,
         relative_improvement: bool = False,
         higher_is_better: dict[str, bool] | None = None,
@@ -105,10 +121,10 @@ class ModelQualityBranchOperator(BaseBranchOperator):
             raise ValueError(
                 f"task ids {both} are in both pass_task_ids and fail_task_ids; a branch is one or the other"
             )
-        if (metrics is None) == (run_id is None):
+        if metrics is None and run_id is None:
             raise ValueError(
-                "set exactly one of metrics (the candidate's metrics, e.g. train.output['metrics']) or run_id "
-                f"(read them from MLflow); got metrics={metrics!r:.100}, run_id={run_id!r}"
+                "set metrics (the candidate's metrics, e.g. train.output['metrics']), run_id (read them from "
+                "MLflow), or both (the run id then only identifies the candidate in the report)"
             )
         if metrics is not None and not is_template(metrics):
             parse_metrics(metrics)
@@ -132,6 +148,13 @@ class ModelQualityBranchOperator(BaseBranchOperator):
                 f"min_improvement {self.min_improvement} compares with a champion: set champion_model "
                 "(the registered model whose alias holder is the champion)"
             )
+        if champion_metrics is not None and champion_model is None:
+            raise ValueError(
+                "champion_metrics (the champion re-scored on the candidate's holdout) needs champion_model: "
+                "the registered model whose alias holder was scored"
+            )
+        if champion_metrics is not None and not is_template(champion_metrics):
+            parse_rescore(champion_metrics)
         if not self.thresholds and champion_model is None:
             raise ValueError(
                 "nothing to check: set thresholds, champion_model (with min_improvement), or both"
@@ -140,6 +163,10 @@ class ModelQualityBranchOperator(BaseBranchOperator):
             raise ValueError(f"relative_improvement must be True or False, got {relative_improvement!r}")
         self.champion_model = champion_model
         self.champion_alias = champion_alias
+        self.champion_metrics = champion_metrics
+        # Decided here, before rendering: a template that renders to None (a skipped scoring task) must
+        # not fall back silently to comparing with numbers from other data.
+        self.like_for_like = champion_metrics is not None
         self.relative_improvement = relative_improvement
         self.on_no_champion = validate_choice("on_no_champion", on_no_champion, ON_NO_CHAMPION)
         self.on_missing_metric = validate_choice("on_missing_metric", on_missing_metric, ON_MISSING_METRIC)
@@ -160,23 +187,26 @@ class ModelQualityBranchOperator(BaseBranchOperator):
     def evaluate(self) -> dict[str, Any]:
         """Run every check on the (rendered) parameters and build the quality report.
 
-        :return: ``{passed, branch, checks, candidate, champion, table}``; ``checks`` holds one dict per
-            check (metric, check, value, threshold, champion_value, required, improvement, verdict, detail).
+        :return: ``{passed, branch, checks, candidate, champion, like_for_like, table}``; ``checks`` holds
+            one dict per check (metric, check, value, threshold, champion_value, champion_recorded_value,
+            required, improvement, verdict, detail); in like-for-like mode ``champion`` has ``metrics`` (as
+            its run recorded them) and ``rescored`` (its metrics on the candidate's holdout, what it was
+            scored on and the model URI).
         """
-        needs_mlflow = self.run_id is not None or self.champion_model is not None
+        needs_mlflow = self.metrics is None or self.champion_model is not None
         hook = MLflowHook(self.mlflow_conn_id) if needs_mlflow else None
         if hook is not None:
             hook.ping()
-        run_id = None
-        if hook is not None and self.run_id is not None:
-            run_id = str(self.run_id).strip()
-            if not run_id:
+        run_id = None if self.run_id is None else str(self.run_id).strip() or None
+        if self.metrics is None:
+            if hook is None or run_id is None:
                 raise ValueError(
                     "run_id rendered empty: the candidate's MLflow run id is needed to read its metrics"
                 )
             candidate = hook.get_run_metrics(run_id)
         else:
             candidate = parse_metrics(self.metrics)
+        rescore = None if self.champion_metrics is None else parse_rescore(self.champion_metrics)
         champion = None
         if hook is not None and self.champion_model is not None:
             name = validate_model_name(self.champion_model, "champion_model")
@@ -184,6 +214,10 @@ class ModelQualityBranchOperator(BaseBranchOperator):
             champion = hook.get_champion(name, alias)
             if champion is None:
                 self.log.info("No version of model %r holds alias %r: there is no champion yet", name, alias)
+        like_for_like = self.like_for_like
+        if champion is not None and like_for_like:
+            rescore = _matching_rescore(rescore, champion)
+            champion = {**champion, "rescored": rescore.as_dict()}
         checks: list[Check] = evaluate(
             candidate,
             thresholds=validate_thresholds(self.thresholds),
@@ -194,6 +228,7 @@ class ModelQualityBranchOperator(BaseBranchOperator):
             higher_is_better=self.higher_is_better,
             on_no_champion=self.on_no_champion,
             on_missing_metric=self.on_missing_metric,
+            rescored=rescore.metrics if champion is not None and rescore is not None else None,
         )
         passed = all(check.passed for check in checks)
         return {
@@ -202,5 +237,28 @@ class ModelQualityBranchOperator(BaseBranchOperator):
             "checks": [check.as_dict() for check in checks],
             "candidate": {"run_id": run_id, "metrics": candidate},
             "champion": champion,
+            "like_for_like": like_for_like,
             "table": render_table(checks),
         }
+
+
+def _matching_rescore(rescore: Rescore | None, champion: dict[str, Any]) -> Rescore:
+    """The re-score of the alias holder; refuses one that is missing or belongs to another version.
+
+    :param rescore: the parsed ``champion_metrics`` (None or empty when nothing was scored).
+    :param champion: the alias holder, from the registry.
+    :raises AirflowException: naming both sides.
+    """
+    holder = f"version {champion['version']} of {champion['name']!r} (run {champion['run_id']})"
+    if rescore is None or not rescore.metrics:
+        raise AirflowException(
+            f"champion_metrics is empty but {holder} holds alias {champion['alias']!r}: the champion was not "
+            "scored on the candidate's holdout (was it registered after the scoring task ran, or did the "
+            "scorer not find it?); comparing with its recorded metrics would compare numbers from other data"
+        )
+    if rescore.run_id and champion.get("run_id") and rescore.run_id != champion["run_id"]:
+        raise AirflowException(
+            f"champion_metrics were scored on the model of run {rescore.run_id} ({rescore.model_uri}), but "
+            f"{holder} holds alias {champion['alias']!r} now: the alias moved between scoring and gating"
+        )
+    return rescore

@@ -45,7 +45,7 @@ def test_every_example_parses_without_errors_network_or_heavy_imports():
     assert len(EXAMPLE_FILES) == 3
 
 
-def test_pipeline_has_the_production_shape():
+def test_pipeline_has_the_production_shape(airflow_db):
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder=str(EXAMPLES / "ml_training_pipeline.py")).get_dag("ml_training_pipeline")
@@ -58,6 +58,7 @@ def test_pipeline_has_the_production_shape():
         "hyperparameter_grid",
         "train",
         "pick_best",
+        "score_champion",
         "quality_gate",
         "register",
         "skip_registration",
@@ -65,6 +66,10 @@ def test_pipeline_has_the_production_shape():
     }
     assert dag.get_task("notify").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("quality_gate").downstream_task_ids == {"register", "skip_registration"}
+    # Like for like: the gate reads the champion's score on the same holdout the challengers used.
+    assert dag.get_task("quality_gate").upstream_task_ids == {"pick_best", "score_champion"}
+    assert dag.get_task("quality_gate").like_for_like
+    assert dag.get_task("score_champion").upstream_task_ids == {"data_preparation.preprocess"}
     assert all(t.retries >= 1 for t in dag.tasks if t.task_id not in ("wait_for_data",))
     assert all(t.execution_timeout is not None for t in dag.tasks)
 
@@ -90,7 +95,9 @@ def _load(name: str):
     return dag
 
 
-def test_pipeline_end_to_end_registers_a_champion_then_skips_an_unreachable_gate(local_pipeline_env):
+def test_pipeline_end_to_end_registers_a_champion_then_skips_an_unreachable_gate(
+    local_pipeline_env, mlflow_server, monkeypatch
+):
     import datetime as dt
 
     from mlflow import MlflowClient
@@ -125,6 +132,20 @@ def test_pipeline_end_to_end_registers_a_champion_then_skips_an_unreachable_gate
     champion_metrics = client.get_run(champion.run_id).data.metrics
     assert champion.version == "1"
     assert champion_metrics["val_accuracy"] >= 0.90 and champion_metrics["val_loss"] <= 0.5
+    first_report = xcom_value(first, "quality_gate", key="quality_report")
+    assert first_report["like_for_like"] is True and first_report["champion"] is None
+    assert first_report["candidate"]["run_id"] == champion.run_id
+    assert xcom_value(first, "score_champion")["params"]["model_found"] is False
+    # The model carries its preprocessing: MLflow's own client scores the raw held-out rows.
+    import mlflow.pyfunc
+    import pandas as pd
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # MLflow's client, as a user runs it
+    held_out = pd.read_parquet(day / "prepared" / "val.parquet")
+    raw = held_out.drop(columns=["label"]).to_numpy("float32")
+    assert raw.max() == 16.0  # raw pixel intensities, nothing scaled them
+    model = mlflow.pyfunc.load_model(f"runs:/{champion.run_id}/model")
+    assert (model.predict(raw).argmax(axis=1) == held_out["label"].to_numpy()).mean() >= 0.90
 
     unreachable = {**conf, "max_val_loss": 0.0}
     # Same day (same ``ds``, so the same landed data), a later run.
@@ -137,6 +158,17 @@ def test_pipeline_end_to_end_registers_a_champion_then_skips_an_unreachable_gate
     versions = client.search_model_versions(f"name = '{model_name}'")
     assert [v.version for v in versions] == ["1"]
     assert client.get_model_version_by_alias(model_name, "champion").run_id == champion.run_id
+    # Like for like: the champion was scored on this run's holdout (the same day's split, so the same
+    # rows it validated on), and the report shows that score beside the one its run recorded.
+    report = xcom_value(second, "quality_gate", key="quality_report")
+    rescored = report["champion"]["rescored"]
+    assert report["champion"]["version"] == "1" and rescored["run_id"] == champion.run_id
+    assert rescored["metrics"]["val_accuracy"] == pytest.approx(champion_metrics["val_accuracy"])
+    assert report["champion"]["metrics"]["val_accuracy"] == champion_metrics["val_accuracy"]
+    (vs_champion,) = [c for c in report["checks"] if c["check"] == "vs_champion"]
+    assert vs_champion["champion_value"] == rescored["metrics"]["val_accuracy"]
+    assert vs_champion["champion_recorded_value"] == champion_metrics["val_accuracy"]
+    assert report["candidate"]["run_id"] == xcom_value(second, "pick_best", key="run_id")
 
 
 def test_sweep_dag_runs_one_mlflow_run_per_combination_and_picks_the_best(local_pipeline_env):

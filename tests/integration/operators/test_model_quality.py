@@ -153,3 +153,78 @@ def test_candidate_metrics_read_from_its_mlflow_run(champion_model, mlflow_serve
         "run_id": candidate["run_id"],
         "metrics": {"val_accuracy": 0.95, "val_loss": 0.1},
     }
+
+
+def _scored(run_id: str | None, metrics: dict[str, float]) -> dict:
+    """What ``python -m gpu_trainer.evaluate`` writes for ``models:/<name>@champion`` on a holdout."""
+    return {
+        "schema_version": 1,
+        "run_id": run_id,
+        "model_uri": "models:/gate-champion@champion",
+        "metrics": metrics,
+        "params": {"data": "/data/2026-11-20/prepared", "rows": 360, "model_found": bool(metrics)},
+        "resumed_from_epoch": None,
+    }
+
+
+def test_like_for_like_gate_compares_with_the_champion_rescored_on_the_candidates_holdout(champion_model):
+    holder = MLflowHook().get_champion(champion_model)
+    assert holder is not None
+    # Recorded 0.92 on its own day; on the candidate's holdout it scores 0.95, so 0.94 is no improvement.
+    op = gate(
+        metrics={"val_accuracy": 0.94, "val_loss": 0.2},
+        run_id="candidate-run",
+        champion_model=champion_model,
+        champion_metrics=_scored(holder["run_id"], {"val_accuracy": 0.95, "val_loss": 0.15}),
+        min_improvement={"val_accuracy": 0.005},
+    )
+
+    report = op.evaluate()
+
+    assert report["like_for_like"] is True and report["passed"] is False
+    assert report["candidate"]["run_id"] == "candidate-run"
+    assert report["champion"]["metrics"] == CHAMPION_METRICS  # as its run recorded them
+    rescored = report["champion"]["rescored"]
+    assert rescored["metrics"] == {"val_accuracy": 0.95, "val_loss": 0.15}
+    assert rescored["run_id"] == holder["run_id"] and rescored["rows"] == 360
+    (check,) = report["checks"]
+    assert check["champion_value"] == 0.95 and check["champion_recorded_value"] == 0.92
+    assert "its own run recorded 0.92" in report["table"]
+
+
+@pytest.mark.parametrize(
+    ("scored_run", "metrics", "message"),
+    [
+        ("another-run", {"val_accuracy": 0.95}, r"scored on the model of run another-run .* the alias moved"),
+        (None, {}, r"champion_metrics is empty but version 1 .* holds alias 'champion'"),
+    ],
+)
+def test_like_for_like_gate_refuses_a_rescore_that_is_not_the_alias_holders(
+    champion_model, scored_run, metrics, message
+):
+    from airflow.exceptions import AirflowException
+
+    op = gate(
+        metrics={"val_accuracy": 0.99},
+        champion_model=champion_model,
+        champion_metrics=_scored(scored_run, metrics),
+        min_improvement={"val_accuracy": 0.005},
+    )
+
+    with pytest.raises(AirflowException, match=message):
+        op.evaluate()
+
+
+def test_like_for_like_gate_without_a_champion_follows_on_no_champion():
+    op = gate(
+        metrics={"val_accuracy": 0.95},
+        champion_model=unique_name("never-registered"),
+        champion_metrics=_scored(None, {}),
+        min_improvement={"val_accuracy": 0.005},
+    )
+
+    report = op.evaluate()
+
+    assert report["branch"] == ["register"] and report["champion"] is None
+    assert report["like_for_like"] is True
+    assert [c["check"] for c in report["checks"]] == ["champion"]

@@ -6,9 +6,11 @@ import pytest
 
 from airflow_provider_mltrain.operators._quality_checks import (
     MissingMetricError,
+    Rescore,
     evaluate,
     higher_is_better_for,
     parse_metrics,
+    parse_rescore,
     render_table,
 )
 from airflow_provider_mltrain.operators.model_quality import ModelQualityBranchOperator
@@ -39,8 +41,16 @@ def make(**overrides) -> ModelQualityBranchOperator:
         ({"pass_task_ids": []}, r"pass_task_ids must be a task id or a non-empty list"),
         ({"fail_task_ids": ""}, r"fail_task_ids must contain non-empty task id strings"),
         ({"fail_task_ids": ["ok"]}, r"task ids \['ok'\] are in both pass_task_ids and fail_task_ids"),
-        ({"metrics": None}, r"set exactly one of metrics .* or run_id"),
-        ({"run_id": "abc"}, r"set exactly one of metrics .* or run_id"),
+        ({"metrics": None}, r"set metrics .*, run_id .*, or both"),
+        ({"champion_metrics": {"val_accuracy": 0.9}}, r"champion_metrics .* needs champion_model"),
+        (
+            {"champion_model": "m", "champion_metrics": {"val_accuracy": "high"}},
+            r"champion_metrics must map metric names to finite numbers",
+        ),
+        (
+            {"champion_model": "m", "champion_metrics": "scored well"},
+            r"champion_metrics must be a dict \(or its JSON form\), got the string 'scored well'",
+        ),
         ({"metrics": {"val_accuracy": "x"}}, r"metrics must map metric names to finite numbers"),
         ({"metrics": "not a dict"}, r"metrics must be a dict of metric -> number \(or its JSON form\)"),
         (
@@ -197,3 +207,54 @@ def test_report_is_strict_json_even_with_an_infinite_relative_improvement():
     )
     assert check.passed is True
     assert json.loads(json.dumps(check.as_dict(), allow_nan=False))["improvement"] == "inf"
+
+
+def test_like_for_like_compares_with_the_rescored_champion_and_reports_both_numbers():
+    # Recorded 0.92 on its own day; 0.96 on the candidate's holdout, where the candidate has 0.95.
+    (check,) = gate({"val_accuracy": 0.95}, rescored={"val_accuracy": 0.96})
+
+    assert check.passed is False
+    assert check.champion_value == 0.96 and check.champion_recorded_value == 0.92
+    assert check.improvement == pytest.approx(-0.01)
+    assert "re-scored on the candidate's holdout: 0.96; its own run recorded 0.92" in check.detail
+    # Against the recorded number the same candidate would have passed: the mode changes the verdict.
+    (recorded,) = gate({"val_accuracy": 0.95})
+    assert recorded.passed is True and recorded.champion_recorded_value is None
+
+
+EVALUATE_RESULT = {
+    "schema_version": 1,
+    "run_id": "r3",
+    "model_uri": "models:/digits@champion",
+    "metrics": {"val_accuracy": 0.96, "val_loss": 0.2, "val_f1": 0.95},
+    "params": {"data": "s3://b/2026-11-20/prepared", "rows": 360, "model_found": True},
+    "resumed_from_epoch": None,
+}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("None", None),
+        (
+            EVALUATE_RESULT,
+            Rescore(
+                metrics={"val_accuracy": 0.96, "val_loss": 0.2, "val_f1": 0.95},
+                run_id="r3",
+                model_uri="models:/digits@champion",
+                data="s3://b/2026-11-20/prepared",
+                rows=360,
+            ),
+        ),
+        (
+            {**EVALUATE_RESULT, "run_id": None, "metrics": {}, "params": {"model_found": False}},
+            Rescore(metrics={}, model_uri="models:/digits@champion"),
+        ),
+        ({"val_accuracy": 0.9}, Rescore(metrics={"val_accuracy": 0.9})),
+        ('{"val_accuracy": 0.9}', Rescore(metrics={"val_accuracy": 0.9})),
+    ],
+)
+def test_champion_metrics_accepts_an_evaluate_result_or_a_metrics_dict(value, expected):
+    assert parse_rescore(value) == expected

@@ -359,7 +359,7 @@ class MLflowRegistryMixin:
 
         Creates the registered model if missing, reuses a version with the same run and source (see
         :meth:`find_model_version`) or creates one, then waits until it is READY and applies ``tags`` and
-        ``description``.
+        ``description``. Calls that race on one source end with one version (see :meth:`_drop_if_duplicate`).
 
         :param name: registered model name.
         :param source: from :meth:`resolve_model_source`.
@@ -385,7 +385,7 @@ class MLflowRegistryMixin:
             existing = self._drop_if_duplicate(name, source, str(version))
             if existing is None and source.model_id and not self._is_remote(self.registry_uri):
                 # A tracking server records this itself when given the model_id.
-                self._link_logged_model(source.model_id, name, str(version), linked=True)
+                self._link_logged_model(source.model_id, name, str(version))
         if existing is not None:
             version = existing.version
             self.log.info(
@@ -405,34 +405,34 @@ class MLflowRegistryMixin:
             ready = self._client.get_model_version(name, str(version))
         return ready, existing is None
 
-    def _link_logged_model(self, model_id: str, name: str, version: str, *, linked: bool) -> None:
-        """Add (or remove) the version in its logged model's tag ``mlflow.modelVersions``.
+    def _link_logged_model(self, model_id: str, name: str, keep: str, *, drop: str | None = None) -> None:
+        """List version ``keep`` (and not ``drop``) in the logged model's tag ``mlflow.modelVersions``.
 
         That tag is what links a logged model to its registered versions (MLflow's SQL registry stores keep
         no ``model_id`` on a version); ``mlflow.register_model`` and a tracking server maintain it. Best
         effort: the registration stands without it.
+
+        :param model_id: the logged model.
+        :param name: registered model name.
+        :param keep: the version to list.
+        :param drop: a version to remove from the list (a deleted duplicate).
         """
         import json
 
         from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-        entry = {"name": name, "version": version}
         try:
             logged = self._client.get_logged_model(model_id)
             entries = [
                 e
                 for e in json.loads(logged.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
-                if (e.get("name"), str(e.get("version"))) != (name, version)
+                if (e.get("name"), str(e.get("version"))) not in ((name, keep), (name, drop))
             ]
-            entries += [entry] if linked else []
+            entries.append({"name": name, "version": keep})
             self._client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(entries)})
         except Exception as err:
             self.log.warning(
-                "Could not update logged model %s's link to model %r version %s: %s",
-                model_id,
-                name,
-                version,
-                err,
+                "Could not link logged model %s to model %r version %s: %s", model_id, name, keep, err
             )
 
     def _drop_if_duplicate(self, name: str, source: ModelSource, version: str) -> ModelVersion | None:
@@ -462,8 +462,9 @@ class MLflowRegistryMixin:
         except Exception as err:  # the duplicate is harmless; failing the task for it would not be
             self.log.warning("Could not delete duplicate model %r version %s: %s", name, version, err)
             return oldest
-        if source.model_id and self._is_remote(self.registry_uri):
-            self._link_logged_model(source.model_id, name, version, linked=False)
+        if source.model_id:
+            # A tracking server listed both versions (or, racing, only the deleted one).
+            self._link_logged_model(source.model_id, name, str(oldest.version), drop=version)
         return oldest
 
     # -- alias moves -------------------------------------------------------------------------------
@@ -517,7 +518,13 @@ class MLflowRegistryMixin:
                 )
                 break
             except MlflowException as err:
-                if self._error_code(err) not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                # RESOURCE_DOES_NOT_EXIST: MLflow's SQL store answers a duplicate name by looking the
+                # existing model up, which fails when its holder released it in between: taken, retry.
+                if self._error_code(err) not in (
+                    "RESOURCE_ALREADY_EXISTS",
+                    "ALREADY_EXISTS",
+                    "RESOURCE_DOES_NOT_EXIST",
+                ):
                     raise
             self._break_stale_lock(lock)
             if time.monotonic() > deadline:

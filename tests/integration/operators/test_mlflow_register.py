@@ -341,7 +341,6 @@ def test_concurrent_promotions_of_two_runs_keep_a_correct_rollback_chain(
     first = log_tiny_model(monkeypatch, mlflow_server.uri, {"val_accuracy": 0.91})
     second = log_tiny_model(monkeypatch, mlflow_server.uri, {"val_accuracy": 0.92})
     name = unique_name("race")
-    MLflowHook().ensure_registered_model(name)  # both race for versions and the alias, not for the model
 
     outcomes = _race(lambda: _promote(name, first), lambda: _promote(name, second))
 
@@ -373,7 +372,7 @@ def test_the_same_run_registered_twice_concurrently_yields_one_version(
     versions = hook.get_conn().search_model_versions(f"name = '{name}'")
     assert [v.version for v in versions] == ["1"]
     logged = hook.get_conn().get_logged_model(result["model_uri"].removeprefix("models:/"))
-    assert [str(e["version"]) for e in json.loads(logged.tags["mlflow.modelVersions"])] == ["1"]
+    assert {str(e["version"]) for e in json.loads(logged.tags["mlflow.modelVersions"])} == {"1"}
     assert [v for v, _, _ in outcomes] == ["1", "1"]
     assert all(previous is None for _, _, previous in outcomes)
     assert hook.get_conn().get_model_version_by_alias(name, "champion").version == "1"
@@ -523,3 +522,27 @@ def test_failed_tasks_log_no_error_about_the_link_xcom(
     assert "exited with code 3" in output and "is unreachable" in output  # the real errors are there
     error_lines = [line for line in output.splitlines() if "error" in line.lower()[:40] or "ERROR" in line]
     assert not [line for line in error_lines if "xcom" in line.lower()], error_lines
+
+
+def test_a_held_alias_lock_times_out_with_its_name_and_a_stale_one_is_broken(
+    hook, mlflow_server, monkeypatch
+):
+    result = log_tiny_model(monkeypatch, mlflow_server.uri, {"val_accuracy": 0.9})
+    name = unique_name("locked")
+    source = hook.resolve_model_source(run_id=result["run_id"], model_uri=result["model_uri"])
+    version, _ = hook.register_model_version(name, source, await_ready_timeout=30)
+    lock = hook.alias_lock_name(name, "champion")
+    hook.get_conn().create_registered_model(lock)  # a lock another task holds right now
+
+    waiting = MLflowHook()
+    waiting.ALIAS_LOCK_TIMEOUT_S = 0.5
+    with pytest.raises(MLflowRegistryError, match=rf"stayed locked for 0.5 s by registered model '{lock}'"):
+        waiting.move_alias(name, "champion", version.version)
+    assert hook.get_version_by_alias(name, "champion") is None
+
+    # The holder died: once the lock is older than ALIAS_LOCK_STALE_S it is broken and the move goes on.
+    breaking = MLflowHook()
+    breaking.ALIAS_LOCK_STALE_S = 0.0
+    assert breaking.move_alias(name, "champion", version.version) is None
+    assert hook.get_version_by_alias(name, "champion").version == version.version
+    assert hook.get_conn().search_registered_models(f"name = '{lock}'") == []

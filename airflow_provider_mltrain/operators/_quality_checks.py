@@ -248,7 +248,8 @@ def parse_rescore(value: Any, param: str = "champion_metrics") -> Rescore | None
         return None
     value = _decode(value, param)
     if isinstance(value, Mapping) and "schema_version" in value and "metrics" in value:
-        params = value.get("params") if isinstance(value.get("params"), Mapping) else {}
+        raw_params = value.get("params")
+        params: Mapping[str, Any] = raw_params if isinstance(raw_params, Mapping) else {}
         rows = params.get("rows")
         return Rescore(
             metrics=parse_metrics(value["metrics"], f"{param}['metrics']"),

@@ -55,6 +55,10 @@ with DAG(
         mlflow_conn_id="mlflow_default",
         experiment_name="{{ params.experiment_name }}",
         arguments=["--data", "{{ params.data }}"],
+        # s3:// data: pods read this Secret's AWS_* keys (or use service_account_name= with a cloud
+        # identity); a local trainer gets the aws_default connection's keys and endpoint instead.
+        data_secret="training-data-credentials",
+        aws_conn_id="aws_default",
     ).expand(hyperparameters=grid())
 
     @task

@@ -24,9 +24,18 @@ from gpu_trainer import contract
 DEFAULT_KILL_GRACE_S = 10.0
 #: Environment variables of the worker that never reach the trainer: other connections and variables,
 #: Airflow settings (database URL, fernet and JWT keys), the worker's own MLflow credentials and its own
-#: AWS identity and endpoint (keys, profile, AWS_ENDPOINT_URL[_S3]). The trainer never imports Airflow;
-#: it gets this task's MLflow connection and, with aws_conn_id, this task's data-store connection only.
-_WITHHELD_PREFIXES = ("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_", "_AIRFLOW", "MLFLOW_TRACKING_", "AWS_")
+#: AWS identity and endpoint (keys, profile, AWS_ENDPOINT_URL[_S3], and fsspec's FSSPEC_S3_* settings,
+#: which s3fs would prefer to the task's). The trainer never imports Airflow; it gets this task's MLflow
+#: connection and, with aws_conn_id, this task's data-store connection only.
+_WITHHELD_PREFIXES = (
+    "AIRFLOW__",
+    "AIRFLOW_CONN_",
+    "AIRFLOW_VAR_",
+    "_AIRFLOW",
+    "MLFLOW_TRACKING_",
+    "AWS_",
+    "FSSPEC_S3_",
+)
 #: The worker's own values of the contract's variables (e.g. an MLFLOW_EXPERIMENT_NAME of the worker):
 #: the trainer gets this task's, from contract.trainer_environment, or none.
 _WITHHELD_NAMES = frozenset((*contract.TRAINER_ENV_VARS, *contract.MLFLOW_CLIENT_ENV_VARS))

@@ -150,6 +150,7 @@ def test_the_workers_own_aws_variables_never_reach_the_trainer():
         "AWS_SECRET_ACCESS_KEY": "worker-secret",
         "AWS_PROFILE": "worker",
         "AWS_ENDPOINT_URL_S3": "http://worker-only:1",
+        "FSSPEC_S3_ENDPOINT_URL": "http://worker-only:2",
     }
     task = {"AWS_ACCESS_KEY_ID": "task-key", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
 
@@ -158,5 +159,6 @@ def test_the_workers_own_aws_variables_never_reach_the_trainer():
     assert env["AWS_ACCESS_KEY_ID"] == "task-key"
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
     assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_PROFILE" not in env
-    assert "AWS_ENDPOINT_URL_S3" not in env  # it would win over the task's AWS_ENDPOINT_URL in botocore
+    # Either would win over the task's AWS_ENDPOINT_URL (botocore's service-specific variable, s3fs's kwargs).
+    assert "AWS_ENDPOINT_URL_S3" not in env and "FSSPEC_S3_ENDPOINT_URL" not in env
     assert env["PATH"] == "/usr/bin"

@@ -1,7 +1,7 @@
 """The MLflow server goes down mid-training: training goes on, metrics arrive once it is back.
 
-Each test runs its own ``mlflow server`` (not the session one: it is stopped and restarted on the same
-port with the same database, as a real outage would). The trainer is paused (SIGSTOP) only while the
+The tests share one ``mlflow server`` of their own (not the session one: they stop it and restart it on the
+same port with the same database, as a real outage would). The trainer is paused (SIGSTOP) only while the
 server is being stopped or started, so the outage falls between known epochs on a loaded machine too.
 """
 
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from gpu_trainer import checkpoint
@@ -32,6 +33,38 @@ OUTAGE_ENV = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
     "MLFLOW_EXPERIMENT_NAME": "outage",
 }
+
+
+class _Server:
+    """A tracking server that can go down and come back: same port, same database and artifacts."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.proc, self.uri = start_server(root)
+        self.port = urlparse(self.uri).port
+
+    def stop(self) -> None:
+        stop_server(self.proc)
+
+    def start(self) -> None:
+        if self.proc.poll() is not None:
+            self.proc, _ = start_server(self.root, port=self.port)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    one = _Server(tmp_path_factory.mktemp("outage-server"))
+    try:
+        yield one
+    finally:
+        one.stop()
+
+
+@pytest.fixture
+def tracking(server: _Server) -> _Server:
+    """The shared server, running (a failed test may have left it down)."""
+    server.start()
+    return server
 
 
 def _args(digits_dir: Path, tmp_path: Path) -> list[str]:
@@ -97,16 +130,15 @@ def _metric_steps(uri: str, run_id: str, name: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, name))
 
 
-def test_training_continues_through_an_outage_and_delivers_metrics_after_restart(tmp_path, digits_dir):
-    server_root = tmp_path / "server"
-    server_root.mkdir()
-    server, uri = start_server(server_root)
-    port = urlparse(uri).port
+def test_training_continues_through_an_outage_and_delivers_metrics_after_restart(
+    tmp_path, digits_dir, tracking
+):
+    uri = tracking.uri
     trainer = _Trainer(_args(digits_dir, tmp_path), trainer_env(uri, **OUTAGE_ENV))
     try:
         trainer.wait_for(f"epoch 3/{EPOCHS} train_loss")
         trainer.pause()
-        stop_server(server)
+        tracking.stop()
         trainer.resume()
         # Training and checkpoints go on while the server is down, with a warning saying so.
         trainer.wait_for("MLflow tracking unreachable")
@@ -115,7 +147,7 @@ def test_training_continues_through_an_outage_and_delivers_metrics_after_restart
         trainer.pause()
         during_outage = "".join(trainer.lines)
         epochs_before_restart = during_outage.count(f"/{EPOCHS} train_loss")
-        server, _ = start_server(server_root, port=port)
+        tracking.start()
         trainer.resume()
         output = trainer.finish()
 
@@ -134,21 +166,17 @@ def test_training_continues_through_an_outage_and_delivers_metrics_after_restart
         if trainer.proc.poll() is None:
             trainer.resume()
             trainer.proc.kill()
-        stop_server(server)
 
 
-def test_outage_until_the_end_fails_clearly_and_the_retry_delivers(tmp_path, digits_dir):
-    server_root = tmp_path / "server"
-    server_root.mkdir()
-    server, uri = start_server(server_root)
-    port = urlparse(uri).port
+def test_outage_until_the_end_fails_clearly_and_the_retry_delivers(tmp_path, digits_dir, tracking):
+    uri = tracking.uri
     args = _args(digits_dir, tmp_path)
     env = trainer_env(uri, **OUTAGE_ENV)
     trainer = _Trainer(args, env)
     try:
         trainer.wait_for(f"epoch 2/{EPOCHS} train_loss")
         trainer.pause()
-        stop_server(server)
+        tracking.stop()
         trainer.resume()
         output = trainer.finish()
     finally:
@@ -168,18 +196,15 @@ def test_outage_until_the_end_fails_clearly_and_the_retry_delivers(tmp_path, dig
     assert [row["step"] for row in state["pending_metrics"]] == list(range(3, EPOCHS + 1))
 
     # The server is back; the retry resumes after the last epoch and delivers what was kept.
-    server, _ = start_server(server_root, port=port)
-    try:
-        retry = run_trainer(args, env)
-        assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
-        assert "resuming from" in retry.stdout + retry.stderr
-        assert " train_loss " not in retry.stdout + retry.stderr, "the retry must not train again"
-        result = json.loads((tmp_path / "result.json").read_text())
-        assert result["run_id"] == state["run_id"]
-        assert result["metrics"]["val_accuracy"] > 0.9
-        assert _metric_steps(uri, result["run_id"], "val_accuracy") == list(range(1, EPOCHS + 1))
-    finally:
-        stop_server(server)
+    tracking.start()
+    retry = run_trainer(args, env)
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+    assert "resuming from" in retry.stdout + retry.stderr
+    assert " train_loss " not in retry.stdout + retry.stderr, "the retry must not train again"
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["run_id"] == state["run_id"]
+    assert result["metrics"]["val_accuracy"] > 0.9
+    assert _metric_steps(uri, result["run_id"], "val_accuracy") == list(range(1, EPOCHS + 1))
 
 
 def test_unreachable_at_start_fails_in_one_line_within_the_bounded_retries(tmp_path, digits_dir):

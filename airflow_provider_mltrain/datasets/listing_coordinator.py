@@ -35,10 +35,15 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from airflow_provider_mltrain.triggers.dataset import DatasetLocation, ObjectInfo
+from airflow_provider_mltrain.datasets.listing import (
+    ListingDeniedError,
+    ObjectInfo,
+    list_local_blocking,
+    list_s3_prefix,
+)
+from airflow_provider_mltrain.datasets.location import DatasetLocation
 
 #: Seconds a request waits for others to join its group. Triggers on a shared clock arrive within
 #: the same few loop iterations; this adds at most this much to detection latency.
@@ -68,15 +73,11 @@ class ListingCoordinator:
     """One per event loop; see the module docstring. Counters are for tests and metrics.
 
     :param s3_lister: the coroutine function that lists one prefix (injected so the algorithm can be
-        tested without S3; the default is :func:`airflow_provider_mltrain.triggers.dataset.list_s3_prefix`).
+        tested without S3; the default is :func:`airflow_provider_mltrain.datasets.listing.list_s3_prefix`).
     """
 
     def __init__(self, s3_lister: Callable[..., Any] | None = None) -> None:
-        if s3_lister is None:
-            from airflow_provider_mltrain.triggers.dataset import list_s3_prefix
-
-            s3_lister = list_s3_prefix
-        self._s3_lister = s3_lister
+        self._s3_lister = s3_lister if s3_lister is not None else list_s3_prefix
         self._s3_pending: dict[tuple[int, str], tuple[Any, list[_Request]]] = {}
         self._local_pending: list[tuple[DatasetLocation, asyncio.Future[list[ObjectInfo]]]] = []
         self._flush_scheduled = False
@@ -169,8 +170,6 @@ class ListingCoordinator:
         if self._is_oversized(bucket, lcp):
             await self._split(client, bucket, requests, lcp)
             return
-        from airflow_provider_mltrain.triggers.dataset import ListingDeniedError
-
         budget = max(1, len(prefixes) // REQUESTS_PER_PAGE)
         try:
             objects, truncated = await self._list(client, bucket, lcp, budget)
@@ -227,8 +226,6 @@ class ListingCoordinator:
     async def _resolve_local(
         self, pending: list[tuple[DatasetLocation, asyncio.Future[list[ObjectInfo]]]]
     ) -> None:
-        from airflow_provider_mltrain.triggers.dataset import list_local_blocking
-
         locations = list({location: None for location, _ in pending})
 
         def list_all() -> list[list[ObjectInfo] | BaseException]:

@@ -16,17 +16,15 @@ from typing import TYPE_CHECKING, Any
 from airflow.exceptions import AirflowException
 from airflow.sdk.bases.sensor import BaseSensorOperator, PokeReturnValue
 
-from airflow_provider_mltrain.triggers.dataset import (
-    SUPPORTED_SCHEMES,
+from airflow_provider_mltrain.datasets.completeness import (
     Criteria,
-    DatasetError,
-    DatasetTrigger,
-    TransientDatasetError,
     check_dataset_once,
-    parse_dataset_uri,
     parse_modified_after,
     validate_thresholds,
 )
+from airflow_provider_mltrain.datasets.listing import DatasetError, TransientDatasetError
+from airflow_provider_mltrain.datasets.location import SUPPORTED_SCHEMES, parse_dataset_uri
+from airflow_provider_mltrain.triggers.dataset import DatasetTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from airflow_provider_mltrain.triggers import s3_client_pool
+from airflow_provider_mltrain.datasets import s3_client_pool
 from airflow_provider_mltrain.triggers.dataset import DatasetTrigger
 from tests.fixtures.s3 import FlakyProxy
 
@@ -144,7 +144,7 @@ async def test_triggers_share_one_client_per_connection(s3_server, s3_conn, buck
 
 async def test_sibling_datasets_are_polled_with_one_listing_per_cycle(s3_server, s3_conn, bucket):
     """50 triggers under one parent prefix: a poll cycle costs one ListObjectsV2, not fifty."""
-    from airflow_provider_mltrain.triggers.listing_coordinator import coordinator
+    from airflow_provider_mltrain.datasets.listing_coordinator import coordinator
 
     with FlakyProxy(s3_server.endpoint_url, failures=0) as proxy:
         conn_id = s3_conn("counted_s3", proxy.endpoint_url)

@@ -9,12 +9,9 @@ from pathlib import Path
 import pytest
 from airflow.triggers.base import TriggerEvent
 
-from airflow_provider_mltrain.triggers.dataset import (
-    DatasetTrigger,
-    parse_dataset_uri,
-    parse_modified_after,
-    validate_thresholds,
-)
+from airflow_provider_mltrain.datasets.completeness import parse_modified_after, validate_thresholds
+from airflow_provider_mltrain.datasets.location import parse_dataset_uri
+from airflow_provider_mltrain.triggers.dataset import DatasetTrigger
 
 pytestmark = pytest.mark.anyio
 

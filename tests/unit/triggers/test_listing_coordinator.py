@@ -7,13 +7,13 @@ from datetime import datetime, timezone
 
 import pytest
 
-from airflow_provider_mltrain.triggers.dataset import (
+from airflow_provider_mltrain.datasets.listing import (
     DatasetError,
     ListingDeniedError,
     ObjectInfo,
     TransientDatasetError,
 )
-from airflow_provider_mltrain.triggers.listing_coordinator import REQUESTS_PER_PAGE, ListingCoordinator
+from airflow_provider_mltrain.datasets.listing_coordinator import REQUESTS_PER_PAGE, ListingCoordinator
 
 pytestmark = pytest.mark.anyio
 
@@ -132,7 +132,7 @@ async def test_a_cancelled_request_does_not_break_the_others():
 
 
 async def test_local_requests_of_one_window_share_one_thread_hop(tmp_path, mocker):
-    from airflow_provider_mltrain.triggers.dataset import parse_dataset_uri
+    from airflow_provider_mltrain.datasets.location import parse_dataset_uri
 
     for i in range(5):
         (tmp_path / f"d{i}").mkdir()

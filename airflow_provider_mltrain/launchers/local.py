@@ -8,15 +8,20 @@ stops the trainer and everything it started (DataLoader workers, torchrun's rank
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from airflow.providers.common.compat.sdk import conf
 
 from gpu_trainer import contract
 
@@ -175,3 +180,91 @@ class LocalProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def local_checkpoint_root() -> str:
+    """Where local trainers keep checkpoints: ``[mltrain] local_checkpoint_root``, else under AIRFLOW_HOME."""
+    root = conf.get("mltrain", "local_checkpoint_root", fallback=None)
+    if not root:
+        home = os.environ.get("AIRFLOW_HOME") or tempfile.gettempdir()
+        root = os.path.join(home, "mltrain", "checkpoints")
+    return os.path.expanduser(root)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRun:
+    """How one local trainer run ended.
+
+    :param command: the command that ran (with the worker's Python).
+    :param returncode: the trainer's exit code.
+    :param tail: its last output lines.
+    :param result: the validated result file (:func:`gpu_trainer.contract.load_result`); None unless the
+        exit code is 0.
+    """
+
+    command: list[str]
+    returncode: int
+    tail: list[str]
+    result: dict[str, Any] | None
+
+
+class LocalLauncher:
+    """Run one trainer as a subprocess of the worker, the way a pod would run it.
+
+    The caller gives the pod's command and the trainer's environment; the launcher swaps in the worker's
+    Python, withholds the worker's own secrets (:func:`child_environment`), creates the checkpoint
+    directory, points ``MLTRAIN_RESULT_PATH`` at a private temporary file and reads the result back.
+
+    :param log: where the trainer's output lines go (a logger: ``info``/``warning``).
+    :param checkpoint_dir: the trainer's checkpoint directory on this machine (created if missing).
+    :param timeout_s: seconds the trainer may run; None waits forever.
+    :param kill_grace_s: seconds between SIGTERM and SIGKILL on stop or timeout.
+    """
+
+    def __init__(
+        self,
+        log: Any,
+        *,
+        checkpoint_dir: str,
+        timeout_s: float | None = None,
+        kill_grace_s: float = DEFAULT_KILL_GRACE_S,
+    ) -> None:
+        self.log = log
+        self.checkpoint_dir = checkpoint_dir
+        self.timeout_s = timeout_s
+        self.kill_grace_s = kill_grace_s
+        self._process: LocalProcess | None = None
+
+    def run(self, cmds: Sequence[str], env: Mapping[str, str]) -> LocalRun:
+        """Run the trainer to its end.
+
+        :param cmds: the pod's command (container ``command`` + ``args``).
+        :param env: the trainer's variables (the pod's literal ones plus the contract's).
+        :raises LocalTrainerTimeout: when it ran past ``timeout_s`` (it was stopped).
+        :raises gpu_trainer.contract.ContractError: when it exited 0 without a valid result file.
+        """
+        cmd = local_command(cmds)
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        result_dir = tempfile.mkdtemp(prefix="mltrain-result-")
+        result_path = os.path.join(result_dir, "return.json")
+        process = LocalProcess(
+            cmd,
+            child_environment({**env, contract.ENV_RESULT_PATH: result_path}),
+            self.log,
+            kill_grace_s=self.kill_grace_s,
+        )
+        self._process = process
+        try:
+            process.start()
+            rc = process.wait(self.timeout_s)
+            result = contract.load_result(result_path) if rc == 0 else None
+            return LocalRun(command=cmd, returncode=rc, tail=list(process.tail), result=result)
+        finally:
+            self._process = None
+            shutil.rmtree(result_dir, ignore_errors=True)
+
+    def stop(self) -> None:
+        """Stop the running trainer's process group (SIGTERM, then SIGKILL); nothing when none runs."""
+        process = self._process
+        if process is not None:
+            process.stop()

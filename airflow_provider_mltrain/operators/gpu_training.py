@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Sequence
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.exceptions import AirflowException
@@ -30,22 +28,16 @@ from airflow.providers.common.compat.sdk import AirflowSkipException, conf
 from kubernetes.client import models as k8s
 
 from airflow_provider_mltrain.hooks.mlflow import MLflowHook
+from airflow_provider_mltrain.launchers.local import LocalLauncher, LocalTrainerTimeout, local_checkpoint_root
 from airflow_provider_mltrain.links.mlflow import MLflowRunLink
 from airflow_provider_mltrain.operators import _pod_spec as spec
 from airflow_provider_mltrain.operators._arguments import RESERVED_ENV, check_arguments
-from airflow_provider_mltrain.operators._triage import (
-    GPUTrainingFailure,
-    TriageContext,
-    explain_unschedulable,
-    triage,
-    unschedulable_message,
-)
+from airflow_provider_mltrain.operators._scheduling import await_scheduling
+from airflow_provider_mltrain.operators._triage import GPUTrainingFailure, TriageContext, triage
 from gpu_trainer import contract
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-    from airflow_provider_mltrain.launchers.local import LocalProcess
 
 _UNSET: Any = object()
 
@@ -174,7 +166,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
     launcher: str | None
     unschedulable_timeout_seconds: int | None
     local_kill_grace_seconds: float
-    _local_process: LocalProcess | None
+    _local_launcher: LocalLauncher | None
     _xcom_problem: str | None
     _startup_failure: GPUTrainingFailure | None
     _final_result: Any
@@ -222,6 +214,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 "cmds": cmds,
                 "mlflow_secret": mlflow_secret,
                 "data_secret": data_secret,
+                "aws_conn_id": aws_conn_id,
                 "checkpoint_volume": checkpoint_volume,
                 "checkpoint_uri": checkpoint_uri,
                 "distributed": distributed,
@@ -240,49 +233,48 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             do_xcom_push=True,
             **kwargs,
         )
-        # One dict update instead of ~25 attribute assignments: BaseOperator.__setattr__ costs a few
-        # microseconds each, which is most of this constructor's share of DAG parse time. Equivalent here:
-        # during __init__ it only records init kwargs (apply_defaults does that too) and none of these
-        # names has a converter.
-        vars(self).update(
-            {
-                name: checked[name]
-                for name in (
-                    "gpus",
-                    "gpu_resource",
-                    "gpu_type_label",
-                    "gpu_type",
-                    "cpu",
-                    "memory",
-                    "shm_size",
-                    "hyperparameters",
-                    "checkpoint_volume",
-                    "checkpoint_uri",
-                    "nproc_per_node",
-                    "launcher",
-                    "unschedulable_timeout_seconds",
-                    "local_kill_grace_seconds",
-                )
-            },
-            mlflow_conn_id=mlflow_conn_id,
-            experiment_name=experiment_name,
-            mlflow_secret=mlflow_secret,
-            data_secret=data_secret,
-            aws_conn_id=aws_conn_id,
-            distributed=distributed or nproc_per_node is not None,
-            _local_process=None,
-            _xcom_problem=None,
-            _startup_failure=None,
-            _final_result=_UNSET,
-        )
+        self.gpus = checked["gpus"]
+        self.gpu_resource = checked["gpu_resource"]
+        self.gpu_type_label = checked["gpu_type_label"]
+        self.gpu_type = checked["gpu_type"]
+        self.cpu = checked["cpu"]
+        self.memory = checked["memory"]
+        self.shm_size = checked["shm_size"]
+        self.hyperparameters = checked["hyperparameters"]
+        self.checkpoint_volume = checked["checkpoint_volume"]
+        self.checkpoint_uri = checked["checkpoint_uri"]
+        self.nproc_per_node = checked["nproc_per_node"]
+        self.launcher = checked["launcher"]
+        self.unschedulable_timeout_seconds = checked["unschedulable_timeout_seconds"]
+        self.local_kill_grace_seconds = checked["local_kill_grace_seconds"]
+        self.mlflow_conn_id = mlflow_conn_id
+        self.experiment_name = experiment_name
+        self.mlflow_secret = mlflow_secret
+        self.data_secret = data_secret
+        self.aws_conn_id = aws_conn_id
+        self.distributed = distributed or nproc_per_node is not None
+        self._local_launcher = None
+        self._xcom_problem = None
+        self._startup_failure = None
+        self._final_result = _UNSET
 
-    #: True while the local launcher builds the pod spec only to validate it.
-    _validating_pod_only: ClassVar[bool] = False
+    #: True while the local launcher builds the pod spec only to validate it (a class default: the
+    #: parent's constructor may log before this one sets anything).
+    _validating_pod_only: bool = False
 
     @property
     def log(self) -> Any:
         task_log = super().log
         return _WithoutPodBuildMessage(task_log) if self._validating_pod_only else task_log
+
+    @cached_property
+    def mlflow_hook(self) -> MLflowHook | None:
+        """This execution's MLflow hook (one connection look-up), None without ``mlflow_conn_id``.
+
+        Built on first use during execute, never at DAG parse. Not named ``hook``: that is the parent's
+        Kubernetes hook.
+        """
+        return MLflowHook(self.mlflow_conn_id) if self.mlflow_conn_id else None
 
     @classmethod
     def partial(cls, **kwargs: Any) -> Any:
@@ -475,8 +467,8 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         :param data_store: the data store's variables (the local launcher's, from ``aws_conn_id``).
         """
         lineage = self._lineage(context)
-        if mlflow is None and self.mlflow_conn_id:
-            mlflow = {contract.ENV_TRACKING_URI: MLflowHook(self.mlflow_conn_id).tracking_uri}
+        if mlflow is None and self.mlflow_hook is not None:
+            mlflow = {contract.ENV_TRACKING_URI: self.mlflow_hook.tracking_uri}
         return contract.trainer_environment(
             hyperparameters=hyperparameters,
             checkpoint_dir=checkpoint_dir,
@@ -566,51 +558,21 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         super().invoke_defer_method(last_log_time=last_log_time, context=context)
 
     def _await_scheduling(self, pod: k8s.V1Pod, *, before_deferral: bool = False) -> None:
-        """Fail fast when the scheduler says no node fits, instead of waiting out the schedule timeout.
-
-        :param before_deferral: return (so the task defers) as soon as the autoscaler is adding a node,
-            and after at most twice ``unschedulable_timeout_seconds``: a deferrable task should not
-            hold a worker slot through a long wait.
-        """
+        """Fail fast when the scheduler says no node fits (see :func:`._scheduling.await_scheduling`)."""
         assert self.unschedulable_timeout_seconds is not None
-        budget = self.schedule_timeout_seconds
-        if before_deferral:
-            budget = min(budget, 2 * self.unschedulable_timeout_seconds)
-        deadline = time.monotonic() + budget
-        first_seen: float | None = None
-        while True:
-            remote = self.pod_manager.read_pod(pod)
-            message = unschedulable_message(remote)
-            if message is None:
-                if _is_scheduled(remote):
-                    return
-                first_seen = None
-            else:
-                now = time.monotonic()
-                first_seen = now if first_seen is None else first_seen
-                expired = now - first_seen >= self.unschedulable_timeout_seconds
-                # Reading events is another API call: only when its answer changes what happens next.
-                scaling_up = (before_deferral or expired) and self._scaling_up(pod)
-                if scaling_up and before_deferral:
-                    return  # a node is on its way: wait for it on the triggerer, not on a worker
-                if expired and not scaling_up:
-                    self._startup_failure = GPUTrainingFailure(
-                        explain_unschedulable(message, self._triage_context())
-                        + f"\n(gave up after {self.unschedulable_timeout_seconds}s unschedulable; "
-                        "raise unschedulable_timeout_seconds= to wait longer)"
-                    )
-                    raise self._startup_failure
-            if time.monotonic() >= deadline:
-                return  # the parent reports its own schedule timeout
-            time.sleep(self.startup_check_interval_seconds)
-
-    def _scaling_up(self, pod: k8s.V1Pod) -> bool:
-        """Whether the cluster autoscaler is adding a node for this pod (then waiting is right)."""
         try:
-            events = self.pod_manager.read_pod_events(pod).items or []
-        except Exception:
-            return False
-        return any(getattr(e, "reason", None) == "TriggeredScaleUp" for e in events)
+            await_scheduling(
+                self.pod_manager,
+                pod,
+                unschedulable_timeout_s=self.unschedulable_timeout_seconds,
+                schedule_timeout_s=self.schedule_timeout_seconds,
+                poll_interval_s=self.startup_check_interval_seconds,
+                triage_context=self._triage_context(),
+                before_deferral=before_deferral,
+            )
+        except GPUTrainingFailure as failure:
+            self._startup_failure = failure
+            raise
 
     def cleanup(
         self,
@@ -677,12 +639,10 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             return []
 
     def _warn_if_credentials_unreachable(self) -> None:
-        if not self.mlflow_conn_id or self.mlflow_secret:
+        if self.mlflow_hook is None or self.mlflow_secret:
             return
         try:
-            has_creds = bool(
-                set(MLflowHook(self.mlflow_conn_id).child_environment()) & set(contract.CREDENTIAL_ENV_VARS)
-            )
+            has_creds = bool(set(self.mlflow_hook.child_environment()) & set(contract.CREDENTIAL_ENV_VARS))
         except Exception:
             return
         if has_creds:
@@ -722,7 +682,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         run_id = result.get("run_id")
         url = ""
         try:
-            hook = MLflowHook(self.mlflow_conn_id) if self.mlflow_conn_id and run_id else None
+            hook = self.mlflow_hook if run_id else None
             if hook is not None and hook.ui_url:
                 # Trainers that report their experiment spare this request; older ones do not report it.
                 experiment_id = result.get("experiment_id") or (
@@ -737,12 +697,6 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
 
     def _execute_local(self, context: Context) -> dict[str, Any]:
         from airflow_provider_mltrain.hooks.data_store import aws_child_environment
-        from airflow_provider_mltrain.launchers.local import (
-            LocalProcess,
-            LocalTrainerTimeout,
-            child_environment,
-            local_command,
-        )
 
         # Build (and so validate) the same pod as on Kubernetes, without asking any cluster. The parent's
         # "Building pod <name> with labels ..." would suggest a pod is made: say what happens instead.
@@ -750,12 +704,12 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             "Local launcher: checking the pod spec the Kubernetes launcher would submit (no cluster is "
             "contacted), then running the trainer as a process on this worker"
         )
-        vars(self)["hook"] = _OfflineKubernetesHook()
-        vars(self)["_validating_pod_only"] = True
+        self.hook = _OfflineKubernetesHook()  # type: ignore[assignment]
+        self._validating_pod_only = True
         try:
             pod = self.build_pod_request_obj(context, dry_run=True)
         finally:
-            vars(self)["_validating_pod_only"] = False
+            self._validating_pod_only = False
         container = self._base_container(pod)
         # The user's literal env_vars (Secret references have no value here); the contract's variables
         # come from the same function as the pod's, with this machine's paths and the connection's
@@ -765,73 +719,43 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             for e in container.env or []
             if e.value is not None and e.name not in contract.TRAINER_ENV_VARS
         }
-        checkpoint_dir = os.path.join(self._local_checkpoint_root(), self._checkpoint_suffix(context))
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        result_dir = tempfile.mkdtemp(prefix="mltrain-result-")
-        result_path = os.path.join(result_dir, "return.json")
+        checkpoint_dir = os.path.join(local_checkpoint_root(), self._checkpoint_suffix(context))
         env.update(
             self._contract_env(
                 context,
                 self._rendered_hyperparameters(),
                 checkpoint_dir,
-                result_path=result_path,
-                mlflow=MLflowHook(self.mlflow_conn_id).child_environment() if self.mlflow_conn_id else None,
+                mlflow=self.mlflow_hook.child_environment() if self.mlflow_hook is not None else None,
                 literal_credentials=True,
                 data_store=aws_child_environment(self.aws_conn_id) if self.aws_conn_id else None,
             )
         )
-
-        cmd = local_command([*(container.command or []), *(container.args or [])])
-        process = LocalProcess(
-            cmd, child_environment(env), self.log, kill_grace_s=self.local_kill_grace_seconds
+        launcher = LocalLauncher(
+            self.log,
+            checkpoint_dir=checkpoint_dir,
+            timeout_s=self.execution_timeout.total_seconds() if self.execution_timeout else None,
+            kill_grace_s=self.local_kill_grace_seconds,
         )
-        self._local_process = process
-        timeout_s = self.execution_timeout.total_seconds() if self.execution_timeout else None
+        self._local_launcher = launcher
         try:
-            process.start()
-            try:
-                rc = process.wait(timeout_s)
-            except LocalTrainerTimeout as err:
-                raise AirflowException(f"Local trainer: {err}") from err
-            if rc != 0:
-                cause = triage(None, self.base_container_name, list(process.tail), self._triage_context())
-                message = f"Local trainer exited with code {rc}: {cmd}"
-                if cause:
-                    raise GPUTrainingFailure(f"{cause}\n{message}")
-                raise AirflowException(message + " (see the [trainer] lines above)")
-            try:
-                raw = contract.load_result(result_path)
-            except contract.ContractError as err:
-                raise AirflowException(str(err)) from err
+            run = launcher.run([*(container.command or []), *(container.args or [])], env)
+        except LocalTrainerTimeout as err:
+            raise AirflowException(f"Local trainer: {err}") from err
+        except contract.ContractError as err:
+            raise AirflowException(str(err)) from err
         finally:
-            self._local_process = None
-            shutil.rmtree(result_dir, ignore_errors=True)
-        return self._finish(context, raw)
-
-    @staticmethod
-    def _local_checkpoint_root() -> str:
-        root = conf.get("mltrain", "local_checkpoint_root", fallback=None)
-        if not root:
-            home = os.environ.get("AIRFLOW_HOME") or tempfile.gettempdir()
-            root = os.path.join(home, "mltrain", "checkpoints")
-        return os.path.expanduser(root)
+            self._local_launcher = None
+        if run.returncode != 0:
+            cause = triage(None, self.base_container_name, run.tail, self._triage_context())
+            message = f"Local trainer exited with code {run.returncode}: {run.command}"
+            if cause:
+                raise GPUTrainingFailure(f"{cause}\n{message}")
+            raise AirflowException(message + " (see the [trainer] lines above)")
+        return self._finish(context, run.result)
 
     def on_kill(self) -> None:
-        process = self._local_process
-        if process is not None:
-            process.stop()
+        launcher = self._local_launcher
+        if launcher is not None:
+            launcher.stop()
             return
         super().on_kill()
-
-
-def _is_scheduled(remote: k8s.V1Pod) -> bool:
-    """Whether the pod is bound to a node (or past Pending, or gone)."""
-    status = remote.status
-    if status is None or status.phase not in (PodPhase.PENDING, "Unknown"):
-        return True
-    if remote.spec is not None and remote.spec.node_name:
-        return True
-    # The kubelet reports container statuses only for a pod bound to its node.
-    if status.container_statuses:
-        return True
-    return any(c.type == "PodScheduled" and c.status == "True" for c in status.conditions or [])

@@ -272,9 +272,9 @@ def fake_clock(mocker, step: int = 1) -> None:
     """A monotonic clock that advances ``step`` seconds per reading, and sleeps that return at once."""
     clock = iter(range(0, 10_000, step))
     mocker.patch(
-        "airflow_provider_mltrain.operators.gpu_training.time.monotonic", side_effect=lambda: next(clock)
+        "airflow_provider_mltrain.operators._scheduling.time.monotonic", side_effect=lambda: next(clock)
     )
-    mocker.patch("airflow_provider_mltrain.operators.gpu_training.time.sleep")
+    mocker.patch("airflow_provider_mltrain.operators._scheduling.time.sleep")
 
 
 def test_unschedulable_gpu_fails_fast(mocker, mode):
@@ -330,7 +330,7 @@ def test_deferrable_defers_at_once_while_the_autoscaler_adds_a_node(mocker):
     cluster.pm.read_pod_events.return_value = mock.MagicMock(
         items=[mock.MagicMock(reason="TriggeredScaleUp")]
     )
-    sleep = mocker.patch("airflow_provider_mltrain.operators.gpu_training.time.sleep")
+    sleep = mocker.patch("airflow_provider_mltrain.operators._scheduling.time.sleep")
 
     with pytest.raises(TaskDeferred):
         op.execute(make_context())

@@ -1,0 +1,98 @@
+"""Watch a training pod until it is scheduled, and fail fast when the scheduler says no node fits.
+
+KubernetesPodOperator only knows "not started within schedule_timeout_seconds": a GPU request no node can
+satisfy would sit there for the whole timeout. This watch reads the pod's ``PodScheduled`` condition
+(and, when it matters, its events for the cluster autoscaler's ``TriggeredScaleUp``) and turns a lasting
+"Unschedulable" into the triage's explanation.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from airflow.providers.cncf.kubernetes.utils.pod_manager import PodPhase
+
+from airflow_provider_mltrain.operators._triage import (
+    GPUTrainingFailure,
+    TriageContext,
+    explain_unschedulable,
+    unschedulable_message,
+)
+
+
+def await_scheduling(
+    pod_manager: Any,
+    pod: Any,
+    *,
+    unschedulable_timeout_s: float,
+    schedule_timeout_s: float,
+    poll_interval_s: float,
+    triage_context: TriageContext,
+    before_deferral: bool = False,
+) -> None:
+    """Return once the pod is scheduled (or the budget is spent); raise when no node can take it.
+
+    :param pod_manager: KubernetesPodOperator's pod manager (``read_pod``, ``read_pod_events``).
+    :param pod: the pod as created.
+    :param unschedulable_timeout_s: fail after the scheduler has called the pod unschedulable for this
+        long, unless the cluster autoscaler is scaling up.
+    :param schedule_timeout_s: stop watching after this long (the caller reports its own schedule timeout).
+    :param poll_interval_s: seconds between reads of the pod.
+    :param triage_context: what was asked for, to phrase the fix.
+    :param before_deferral: return (so the task defers) as soon as the autoscaler is adding a node, and
+        after at most twice ``unschedulable_timeout_s``: a deferrable task should not hold a worker slot
+        through a long wait.
+    :raises GPUTrainingFailure: the pod stayed unschedulable and no node is on its way.
+    """
+    budget = schedule_timeout_s
+    if before_deferral:
+        budget = min(budget, 2 * unschedulable_timeout_s)
+    deadline = time.monotonic() + budget
+    first_seen: float | None = None
+    while True:
+        remote = pod_manager.read_pod(pod)
+        message = unschedulable_message(remote)
+        if message is None:
+            if is_scheduled(remote):
+                return
+            first_seen = None
+        else:
+            now = time.monotonic()
+            first_seen = now if first_seen is None else first_seen
+            expired = now - first_seen >= unschedulable_timeout_s
+            # Reading events is another API call: only when its answer changes what happens next.
+            scaling_up = (before_deferral or expired) and is_scaling_up(pod_manager, pod)
+            if scaling_up and before_deferral:
+                return  # a node is on its way: wait for it on the triggerer, not on a worker
+            if expired and not scaling_up:
+                raise GPUTrainingFailure(
+                    explain_unschedulable(message, triage_context)
+                    + f"\n(gave up after {unschedulable_timeout_s}s unschedulable; "
+                    "raise unschedulable_timeout_seconds= to wait longer)"
+                )
+        if time.monotonic() >= deadline:
+            return  # the caller reports its own schedule timeout
+        time.sleep(poll_interval_s)
+
+
+def is_scaling_up(pod_manager: Any, pod: Any) -> bool:
+    """Whether the cluster autoscaler is adding a node for this pod (then waiting is right)."""
+    try:
+        events = pod_manager.read_pod_events(pod).items or []
+    except Exception:
+        return False
+    return any(getattr(e, "reason", None) == "TriggeredScaleUp" for e in events)
+
+
+def is_scheduled(remote: Any) -> bool:
+    """Whether the pod is bound to a node (or past Pending, or gone)."""
+    status = remote.status
+    if status is None or status.phase not in (PodPhase.PENDING, "Unknown"):
+        return True
+    if remote.spec is not None and remote.spec.node_name:
+        return True
+    # The kubelet reports container statuses only for a pod bound to its node.
+    if status.container_statuses:
+        return True
+    return any(c.type == "PodScheduled" and c.status == "True" for c in status.conditions or [])

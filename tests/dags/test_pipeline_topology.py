@@ -36,7 +36,7 @@ from tests.fixtures.airflow_topology import (
 from tests.fixtures.mlflow_servers import MlflowServer
 from tests.fixtures.s3 import S3Server, aws_connection_json
 
-pytestmark = [pytest.mark.topology, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.topology, pytest.mark.timeout(1200)]
 
 PIPELINE = Path(__file__).resolve().parents[2] / "example_dags" / "ml_training_pipeline.py"
 DAG_ID = "ml_training_pipeline"
@@ -173,7 +173,7 @@ def test_pipeline_runs_on_the_real_topology_and_registers_a_champion_that_scores
 
         s3.upload_file(day_data, bucket, f"digits/{DS}/digits.parquet")
         s3.put_object(Bucket=bucket, Key=f"digits/{DS}/_SUCCESS", Body=b"")
-        finished = topology.wait_for_run(DAG_ID, run_id, timeout=1200)
+        finished = topology.wait_for_run(DAG_ID, run_id, timeout=900)
         finished_after = time.monotonic() - started
         states = topology.task_states(DAG_ID, run_id)
 

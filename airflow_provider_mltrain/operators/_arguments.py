@@ -119,6 +119,15 @@ def check_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
         spec.check_secret_name("mlflow_secret", args["mlflow_secret"])
     if known("data_secret"):
         spec.check_secret_name("data_secret", args["data_secret"])
+    aws_conn_id = args.get("aws_conn_id")
+    if (
+        known("aws_conn_id")
+        and aws_conn_id is not None
+        and (not isinstance(aws_conn_id, str) or not aws_conn_id.strip())
+    ):
+        raise spec.bad_param(
+            "aws_conn_id", aws_conn_id, "expected an Airflow connection id (a string) or None"
+        )
     if known("checkpoint_volume"):
         out["checkpoint_volume"] = spec.check_checkpoint_volume(args["checkpoint_volume"])
     checkpoint_uri = args.get("checkpoint_uri")

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from gpu_trainer import contract
-from gpu_trainer.errors import TrainerError
+from gpu_trainer.errors import CliParser, TrainerError
 
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -228,19 +228,12 @@ ENV_FALLBACKS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one line instead of usage plus error."""
-
-    def error(self, message: str) -> NoReturn:
-        raise TrainerError(f"{message} (see --help)")
-
-
 def build_parser(prog: str = "python -m gpu_trainer.train") -> argparse.ArgumentParser:
     """The command-line parser; every flag defaults to None so the environment can fill it.
 
     :param prog: program name shown in ``--help``.
     """
-    parser = _Parser(prog=prog, description="Train a classifier on Parquet data and log it to MLflow.")
+    parser = CliParser(prog=prog, description="Train a classifier on Parquet data and log it to MLflow.")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.name == "compile":

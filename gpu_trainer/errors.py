@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class TrainerError(Exception):
@@ -12,6 +14,14 @@ class TrainerError(Exception):
     ``main()`` prints it as one line (``gpu_trainer: error: ...``) and exits with status 2, so the
     Airflow task log shows the cause instead of a traceback.
     """
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one :class:`TrainerError` line instead of usage plus
+    error, so :func:`run_cli` prints it like every other input error. Shared by every entry point."""
+
+    def error(self, message: str) -> NoReturn:
+        raise TrainerError(f"{message} (see --help)")
 
 
 def one_line(err: BaseException) -> str:

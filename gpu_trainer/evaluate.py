@@ -18,26 +18,22 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 import torch
 
 from gpu_trainer import contract, runtime
 from gpu_trainer.data import load_holdout
-from gpu_trainer.errors import TrainerError, one_line, run_cli
+from gpu_trainer.errors import CliParser, TrainerError, one_line, run_cli
 from gpu_trainer.metrics import evaluate
 
 log = logging.getLogger("gpu_trainer")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise TrainerError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    parser = _Parser(prog="python -m gpu_trainer.evaluate", description="Score a logged model on a holdout.")
+    parser = CliParser(
+        prog="python -m gpu_trainer.evaluate", description="Score a logged model on a holdout."
+    )
     parser.add_argument("--model-uri", required=True, help="runs:/<run_id>/model or models:/... URI")
     parser.add_argument(
         "--data", required=True, help="holdout Parquet file or directory (local or fsspec URI)"

@@ -9,40 +9,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
 from tests.fixtures.airflow_env import run_dag
-
-FAKE_TRAINER = textwrap.dedent(
-    """
-    import json, os, sys
-    from gpu_trainer import contract
-
-    hp = contract.parse_hyperparameters(os.environ.get(contract.ENV_HYPERPARAMETERS))
-    lineage = contract.parse_lineage(os.environ.get(contract.ENV_LINEAGE))
-    ckpt = os.environ[contract.ENV_CHECKPOINT_DIR]
-    marker = os.path.join(ckpt, "last.json")
-    resumed = json.load(open(marker))["epoch"] if os.path.exists(marker) else None
-    with open(marker, "w") as fh:
-        json.dump({"epoch": 1}, fh)
-    print(f"training lr={hp['lr']} map_index={lineage['map_index']}", flush=True)
-    if hp.get("fail"):
-        sys.exit(1)
-    lr = float(hp["lr"])
-    result = contract.make_result(
-        run_id=f"run-{lineage['map_index']}",
-        model_uri=f"file://{ckpt}/model",
-        metrics={"val_accuracy": 1.0 - lr, "val_loss": lr, "train_loss": lr / 2, "val_f1": 1.0 - lr},
-        params={**hp, "run_name": os.environ.get(contract.ENV_RUN_NAME), "ckpt": ckpt},
-        resumed_from_epoch=resumed,
-    )
-    contract.write_result(contract.result_path(), result)
-    """
-)
+from tests.fixtures.trainer_scripts import FAKE_TRAINER
 
 SWEEP = [{"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3}, {"lr": 0.4}]
 

@@ -435,7 +435,7 @@ def test_credentials_in_the_connection_url_never_leave_the_hook(
     from kubernetes.client import ApiClient
 
     from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator, _OfflineKubernetesHook
-    from tests.unit.operators.test_gpu_training import make_context
+    from tests.fixtures.gpu_operator import make_context
 
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("AIRFLOW__MLTRAIN__LOCAL_CHECKPOINT_ROOT", str(tmp_path / "ckpt"))

@@ -9,9 +9,7 @@ scanned in the same run to show the scan finds what the defaults fix.
 from __future__ import annotations
 
 from typing import Any
-from unittest import mock
 
-import pytest
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import ApiClient
 
@@ -22,19 +20,6 @@ from tests.fixtures.scanners import checkov_failures
 IMAGE = "ghcr.io/example/trainer:1.0"
 #: What the defaults fix; a plain KubernetesPodOperator pod fails each of these.
 FIXED_BY_DEFAULT = {"CKV_K8S_11", "CKV_K8S_13", "CKV_K8S_22", "CKV_K8S_38", "CKV_K8S_40"}
-
-
-@pytest.fixture
-def k8s_hook(mocker):
-    """The Kubernetes hook (the API boundary): no connection extras, not in cluster."""
-    hook = mock.MagicMock()
-    hook.get_namespace.return_value = None
-    hook.get_xcom_sidecar_container_image.return_value = None
-    hook.get_xcom_sidecar_container_resources.return_value = None
-    hook.get_xcom_sidecar_container_security_context.return_value = None
-    hook.is_in_cluster = False
-    mocker.patch.object(KubernetesPodOperator, "hook", hook)
-    return hook
 
 
 def manifest(op: KubernetesPodOperator) -> dict[str, Any]:

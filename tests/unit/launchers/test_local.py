@@ -16,6 +16,7 @@ from airflow_provider_mltrain.launchers.local import (
     child_environment,
     local_command,
 )
+from tests.fixtures.processes import alive, wait_for
 
 
 class ListLog:
@@ -28,28 +29,6 @@ class ListLog:
         self.lines.append(msg % args)
 
     warning = info
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_for(path: Path, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never appeared")
 
 
 def spawner(tmp_path: Path, *, ignore_term: bool) -> Path:

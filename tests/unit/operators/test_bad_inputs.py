@@ -11,7 +11,7 @@ from airflow_provider_mltrain.operators import _pod_spec as spec
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
 from airflow_provider_mltrain.operators.mlflow_register import MLflowRegisterOperator
 from gpu_trainer import contract
-from tests.unit.operators.test_gpu_training import IMAGE, build, env_of, k8s_hook  # noqa: F401
+from tests.fixtures.gpu_operator import IMAGE, build, env_of
 
 
 def op_(**kwargs) -> GPUTrainingPodOperator:
@@ -33,7 +33,7 @@ def test_oversized_hyperparameters_refused_at_parse_with_the_limit():
     assert op_(hyperparameters=fits, cmds=["python", "my_trainer.py"]).hyperparameters == fits
 
 
-def test_oversized_hyperparameters_refused_after_rendering(k8s_hook):  # noqa: F811
+def test_oversized_hyperparameters_refused_after_rendering(k8s_hook):
     op = op_(hyperparameters="{{ params.hp }}")
     op.hyperparameters = json.dumps({"data": "x" * 70_000})  # what rendering produced
     with pytest.raises(ValueError, match="over the 65536-byte limit"):
@@ -76,7 +76,7 @@ def test_mlflow_secret_must_be_a_kubernetes_secret_name(secret):
     assert "name of a Kubernetes Secret: a DNS subdomain" in message
 
 
-def test_mlflow_secret_accepted_and_checked_again_after_rendering(k8s_hook):  # noqa: F811
+def test_mlflow_secret_accepted_and_checked_again_after_rendering(k8s_hook):
     assert op_(mlflow_secret="mlflow.credentials-1").mlflow_secret == "mlflow.credentials-1"
     op = op_(mlflow_secret="{{ params.secret }}")
     op.mlflow_secret = "Team_Secret"  # what rendering produced
@@ -98,12 +98,12 @@ def test_unknown_trainer_hyperparameter_caught_at_parse_for_the_bundled_trainer(
         op_(cmds=["python3", "-m", "gpu_trainer.train"], hyperparameters={"lrr": 0.01})
 
 
-def test_other_trainers_keep_their_own_keys(k8s_hook):  # noqa: F811
+def test_other_trainers_keep_their_own_keys(k8s_hook):
     op = op_(cmds=["python", "my_trainer.py"], hyperparameters={"lrr": 0.01})
     assert json.loads(env_of(build(op))[contract.ENV_HYPERPARAMETERS]) == {"lrr": 0.01}
 
 
-def test_unknown_trainer_hyperparameter_caught_after_rendering(k8s_hook):  # noqa: F811
+def test_unknown_trainer_hyperparameter_caught_after_rendering(k8s_hook):
     op = op_(hyperparameters="{{ params.hp }}")
     op.hyperparameters = '{"epochs": 2, "batchsize": 8}'
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['batchsize'\].*'batchsize' -> 'batch_size'"):

@@ -8,69 +8,17 @@ ships (strict: unknown fields are errors). Only the Kubernetes hook (the API bou
 from __future__ import annotations
 
 import json
-from typing import Any
-from unittest import mock
 
 import kubernetes_validate
 import pytest
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
 
 from airflow_provider_mltrain.hooks.mlflow import connection_json
 from airflow_provider_mltrain.links.mlflow import MLflowRunLink
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
 from gpu_trainer import contract
-
-RUN_ID = "manual__2026-01-01T00:00:00+00:00"
-IMAGE = "ghcr.io/example/trainer:1.0"
-
-
-def make_context(
-    *, dag_id: str = "train_dag", task_id: str = "train", map_index: int = -1, try_number: int = 1
-) -> dict[str, Any]:
-    ti = mock.MagicMock(dag_id=dag_id, task_id=task_id, map_index=map_index, try_number=try_number)
-    return {"ti": ti, "run_id": RUN_ID, "dag": mock.MagicMock(parent_dag=None)}
-
-
-@pytest.fixture
-def k8s_hook(mocker):
-    """The Kubernetes hook: the API boundary. No connection extras, not in cluster."""
-    hook = mock.MagicMock()
-    hook.get_namespace.return_value = None
-    hook.get_xcom_sidecar_container_image.return_value = None
-    hook.get_xcom_sidecar_container_resources.return_value = None
-    hook.get_xcom_sidecar_container_security_context.return_value = None
-    hook.is_in_cluster = False
-    mocker.patch.object(KubernetesPodOperator, "hook", hook)
-    return hook
-
-
-def build(op: GPUTrainingPodOperator, **ctx: Any) -> dict[str, Any]:
-    pod = op.build_pod_request_obj(make_context(**ctx))
-    return ApiClient().sanitize_for_serialization(pod)
-
-
-def assert_valid(pod: dict[str, Any]) -> None:
-    version = kubernetes_validate.latest_version()
-    # strict: fields the schema does not know are errors too.
-    kubernetes_validate.validate(pod, version, strict=True)
-
-
-def base(pod: dict[str, Any]) -> dict[str, Any]:
-    return next(c for c in pod["spec"]["containers"] if c["name"] == "base")
-
-
-def env_of(pod: dict[str, Any]) -> dict[str, Any]:
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in base(pod).get("env", [])}
-
-
-def op_(**kwargs: Any) -> GPUTrainingPodOperator:
-    kwargs.setdefault("task_id", "train")
-    kwargs.setdefault("image", IMAGE)
-    kwargs.setdefault("namespace", "ml")
-    return GPUTrainingPodOperator(**kwargs)
-
+from tests.fixtures.gpu_operator import IMAGE, RUN_ID, assert_valid, base, build, env_of, op_
 
 # -- pod specs ---------------------------------------------------------------------------------------
 

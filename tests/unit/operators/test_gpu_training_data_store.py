@@ -11,15 +11,9 @@ from airflow_provider_mltrain.hooks.data_store import aws_child_environment
 from airflow_provider_mltrain.launchers.local import child_environment
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
 from gpu_trainer import contract
-from tests.unit.operators.test_gpu_training import (  # noqa: F401 - k8s_hook is a fixture
-    assert_valid,
-    build,
-    env_of,
-    k8s_hook,
-    op_,
-)
+from tests.fixtures.gpu_operator import assert_valid, build, env_of, op_
 
-# The Kubernetes hook (the API boundary) is mocked as in test_gpu_training.py.
+# The Kubernetes hook (the API boundary) is faked: tests/fixtures/kubernetes.py.
 pytestmark = pytest.mark.usefixtures("k8s_hook")
 
 SECRET_KEY = "wJalrXUtnFEMI-not-a-real-secret"

@@ -19,7 +19,7 @@ from kubernetes.client import models as k8s
 from airflow_provider_mltrain.operators._triage import GPUTrainingFailure
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
 from gpu_trainer import contract
-from tests.unit.operators.test_gpu_training import IMAGE, make_context
+from tests.fixtures.gpu_operator import IMAGE, FakeCluster, make_context, pushed, status_pod
 
 RESULT = contract.make_result(
     run_id="abc123",
@@ -28,93 +28,6 @@ RESULT = contract.make_result(
     params={"lr": 0.01},
     resumed_from_epoch=None,
 )
-
-
-def status_pod(
-    *,
-    phase: str = "Succeeded",
-    exit_code: int | None = 0,
-    terminated_reason: str | None = None,
-    waiting_reason: str | None = None,
-    waiting_message: str | None = None,
-    unschedulable: str | None = None,
-) -> k8s.V1Pod:
-    """A pod as the API would return it."""
-    state = k8s.V1ContainerState()
-    if waiting_reason:
-        state.waiting = k8s.V1ContainerStateWaiting(reason=waiting_reason, message=waiting_message)
-    elif exit_code is not None:
-        state.terminated = k8s.V1ContainerStateTerminated(exit_code=exit_code, reason=terminated_reason)
-    statuses = [
-        k8s.V1ContainerStatus(
-            name="base", image=IMAGE, image_id="", ready=False, restart_count=0, state=state
-        ),
-        k8s.V1ContainerStatus(
-            name="airflow-xcom-sidecar",
-            image="alpine",
-            image_id="",
-            ready=True,
-            restart_count=0,
-            state=k8s.V1ContainerState(running=k8s.V1ContainerStateRunning()),
-        ),
-    ]
-    conditions = None
-    if unschedulable:
-        conditions = [
-            k8s.V1PodCondition(
-                type="PodScheduled", status="False", reason="Unschedulable", message=unschedulable
-            )
-        ]
-        statuses = None
-    return k8s.V1Pod(
-        metadata=k8s.V1ObjectMeta(name="train-abc", namespace="ml", labels={}),
-        spec=k8s.V1PodSpec(
-            containers=[
-                k8s.V1Container(name="base", image=IMAGE),
-                k8s.V1Container(name="airflow-xcom-sidecar"),
-            ]
-        ),
-        status=k8s.V1PodStatus(phase=phase, container_statuses=statuses, conditions=conditions),
-    )
-
-
-class FakeCluster:
-    """The Kubernetes boundary of one operator instance: what each API call returns, and what was called."""
-
-    def __init__(self, op: GPUTrainingPodOperator, mocker, *, final: k8s.V1Pod, xcom: str | None, logs=()):
-        self.final = final
-        self.created: list[k8s.V1Pod] = []
-        pm = mock.MagicMock()
-        pm.await_pod_start = mock.AsyncMock()
-        pm.watch_pod_events = mock.AsyncMock()
-        pm.read_pod.return_value = final
-        pm.await_pod_completion.return_value = final
-        pm.extract_xcom.return_value = xcom if xcom is not None else "__airflow_xcom_result_empty__"
-        pm.read_pod_logs.return_value = [line.encode() for line in logs]
-        pm.read_pod_events.return_value = mock.MagicMock(items=[])
-        self.pm = pm
-        hook = mock.MagicMock()
-        hook.get_namespace.return_value = None
-        hook.get_xcom_sidecar_container_image.return_value = None
-        hook.get_xcom_sidecar_container_resources.return_value = None
-        hook.get_xcom_sidecar_container_security_context.return_value = None
-        hook.is_in_cluster = False
-        hook.get_pod.return_value = final
-        self.hook = hook
-        vars(op)["pod_manager"] = pm
-        vars(op)["hook"] = hook
-        vars(op)["client"] = mock.MagicMock()
-
-        def create(pod_request_obj, context):
-            self.created.append(pod_request_obj)
-            return pod_request_obj
-
-        mocker.patch.object(op, "get_or_create_pod", side_effect=create)
-        mocker.patch.object(op, "find_pod", return_value=final)
-
-
-def pushed(context: dict[str, Any]) -> dict[str, Any]:
-    return {c.kwargs["key"]: c.kwargs["value"] for c in context["ti"].xcom_push.call_args_list}
 
 
 def make_op(**kwargs: Any) -> GPUTrainingPodOperator:

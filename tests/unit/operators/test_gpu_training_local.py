@@ -23,10 +23,9 @@ from kubernetes.client import ApiClient
 from airflow_provider_mltrain.hooks.mlflow import connection_json
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
 from gpu_trainer import contract
-from tests.dags.test_gpu_training_sweep import FAKE_TRAINER
-from tests.unit.launchers.test_local import alive, wait_for
-from tests.unit.operators.test_gpu_training import make_context
-from tests.unit.operators.test_gpu_training_execute import FakeCluster, pushed, status_pod
+from tests.fixtures.gpu_operator import FakeCluster, make_context, pushed, status_pod
+from tests.fixtures.processes import alive, wait_for
+from tests.fixtures.trainer_scripts import FAKE_TRAINER
 
 SLEEPER = textwrap.dedent(
     """

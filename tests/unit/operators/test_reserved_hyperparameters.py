@@ -16,7 +16,7 @@ import pytest
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
 from gpu_trainer import contract
 from tests.fixtures.airflow_env import run_dag
-from tests.unit.operators.test_gpu_training import IMAGE, build, env_of, k8s_hook  # noqa: F401
+from tests.fixtures.gpu_operator import IMAGE, build, env_of
 
 RESERVED = sorted(contract.RESERVED_HYPERPARAMETERS)
 
@@ -46,7 +46,7 @@ def test_refused_in_partial_and_as_a_json_string(key, instead):
         GPUTrainingPodOperator(task_id="train", image=IMAGE, hyperparameters=json.dumps({key: "x"}))
 
 
-def test_refused_once_a_template_rendered_it(k8s_hook):  # noqa: F811
+def test_refused_once_a_template_rendered_it(k8s_hook):
     op = GPUTrainingPodOperator(task_id="train", image=IMAGE, hyperparameters="{{ params.hp }}")
     op.hyperparameters = '{"lr": 0.1, "checkpoint_dir": "/shared"}'  # what rendering produced
     with pytest.raises(ValueError, match=r"hyperparameters=.*'checkpoint_dir' is not a hyperparameter"):

@@ -8,7 +8,7 @@ from airflow_provider_mltrain.hooks.mlflow import MLflowHook, connection_json
 from airflow_provider_mltrain.operators.mlflow_register import MLflowRegisterOperator
 from airflow_provider_mltrain.operators.model_quality import ModelQualityBranchOperator
 from tests.fixtures.airflow_env import run_dag
-from tests.integration.operators.mlflow_models import dag_run_xcoms, log_tiny_model, task_states, unique_name
+from tests.fixtures.mlflow_models import dag_run_xcoms, log_tiny_model, task_states, unique_name
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ from airflow_provider_mltrain.hooks.mlflow import (
 )
 from airflow_provider_mltrain.operators.mlflow_register import MLflowRegisterOperator
 from tests.fixtures.airflow_env import run_dag
+from tests.fixtures.mlflow_models import dag_run_xcoms, log_tiny_model, task_states, unique_name
 from tests.fixtures.mlflow_servers import free_port
-from tests.integration.operators.mlflow_models import dag_run_xcoms, log_tiny_model, task_states, unique_name
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 from airflow_provider_mltrain.hooks.mlflow import MLflowHook, connection_json
 from airflow_provider_mltrain.operators._quality_checks import MissingMetricError
 from airflow_provider_mltrain.operators.model_quality import ModelQualityBranchOperator
-from tests.integration.operators.mlflow_models import log_tiny_model, unique_name
+from tests.fixtures.mlflow_models import log_tiny_model, unique_name
 
 CHAMPION_METRICS = {"val_accuracy": 0.92, "val_loss": 0.25}
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from airflow_provider_mltrain.hooks.mlflow import connection_json
 from airflow_provider_mltrain.testing import run_dag, xcom_value
+from tests.fixtures.example_dags import EXAMPLES, load_example_dag
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "example_dags"
 EXAMPLE_FILES = sorted(p for p in EXAMPLES.glob("*.py") if p.name != "__init__.py")
 
 # Parses the examples in a fresh interpreter with the network cut off, and reports what got imported.
@@ -83,18 +82,6 @@ def local_pipeline_env(airflow_db, airflow_conn, mlflow_server, monkeypatch, tmp
     return tmp_path
 
 
-def _load(name: str):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(EXAMPLES / f"{name}.py"))
-    assert bag.import_errors == {}
-    dag = bag.get_dag(name)
-    # Production retries wait minutes between tries; here a failure should fail the test at once.
-    for t in dag.tasks:
-        t.retries = 0
-    return dag
-
-
 def test_pipeline_end_to_end_registers_a_champion_then_skips_an_unreachable_gate(
     local_pipeline_env, mlflow_server, monkeypatch
 ):
@@ -118,7 +105,7 @@ def test_pipeline_end_to_end_registers_a_champion_then_skips_an_unreachable_gate
         "learning_rates": [0.003],
         "hidden_dims": [64, 128],
     }
-    dag = _load("ml_training_pipeline")
+    dag = load_example_dag("ml_training_pipeline")
 
     first = run_dag(dag, logical_date=logical_date, run_conf=conf)
 
@@ -179,7 +166,7 @@ def test_sweep_dag_runs_one_mlflow_run_per_combination_and_picks_the_best(local_
     data = tmp_path / "prepared"
     write_digits(str(data))
     experiment = f"sweep-{tmp_path.name}"
-    dag = _load("hyperparameter_sweep")
+    dag = load_example_dag("hyperparameter_sweep")
     conf = {
         "data": str(data),
         "experiment_name": experiment,

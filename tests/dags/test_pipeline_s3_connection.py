@@ -16,7 +16,7 @@ import pytest
 
 from airflow_provider_mltrain.hooks.mlflow import connection_json
 from airflow_provider_mltrain.testing import run_dag, xcom_value
-from tests.dags.test_example_dags import _load
+from tests.fixtures.example_dags import load_example_dag
 from tests.fixtures.s3 import free_port
 
 
@@ -64,7 +64,7 @@ def test_pipeline_reads_and_writes_s3_through_the_connection(
     }
 
     dag_run = run_dag(
-        _load("ml_training_pipeline"),
+        load_example_dag("ml_training_pipeline"),
         logical_date=dt.datetime(2026, 11, 20, 6, tzinfo=dt.timezone.utc),
         run_conf=conf,
     )

@@ -1,4 +1,4 @@
-"""The model-registry half of :class:`~airflow_provider_mltrain.hooks.mlflow.MLflowHook`.
+"""The model registry an :class:`~airflow_provider_mltrain.hooks.mlflow.MLflowHook` owns (``hook.registry``).
 
 What MLflowRegisterOperator and ModelQualityBranchOperator need: find runs and logged models, register
 a version idempotently, wait for READY, move aliases with a recorded previous holder, and read a
@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from airflow.exceptions import AirflowException
 
 if TYPE_CHECKING:
-    from airflow.sdk.types import Logger
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModel, Run
     from mlflow.entities.model_registry import ModelVersion
-    from mlflow.utils.rest_utils import MlflowHostCreds
+
+    from airflow_provider_mltrain.hooks.mlflow import MLflowHook
 
 
 class MLflowRegistryError(AirflowException):
@@ -32,7 +32,7 @@ class MLflowRegistryError(AirflowException):
 
 
 class ModelSource(NamedTuple):
-    """What a model version is created from (see :meth:`MLflowHook.resolve_model_source`).
+    """What a model version is created from (see :meth:`MLflowRegistry.resolve_model_source`).
 
     :param source: the version's source URI (``models:/m-...`` for an MLflow 3 logged model).
     :param run_id: the run that produced it (None when unknown).
@@ -64,39 +64,31 @@ def filter_literal(value: str) -> str:
     )
 
 
-class MLflowRegistryMixin:
-    """Registry operations on top of a hook's connection (``get_conn``, ``tracking_uri``)."""
+class MLflowRegistry:
+    """Registry operations on the connection of one :class:`~airflow_provider_mltrain.hooks.mlflow.MLflowHook`.
 
-    if TYPE_CHECKING:  # what the hook provides
-        mlflow_conn_id: str
+    The hook owns it (``hook.registry``) and it reaches the server only through the hook: its client,
+    URIs and credentials. Errors name the object, the server and the connection.
 
-        @property
-        def tracking_uri(self) -> str: ...
+    :param hook: the hook whose connection the registry uses.
+    """
 
-        @property
-        def registry_uri(self) -> str: ...
-
-        @property
-        def log(self) -> Logger: ...
-
-        def get_conn(self) -> MlflowClient: ...
-
-        def host_creds(self, uri: str | None = None) -> MlflowHostCreds: ...
-
-        @staticmethod
-        def _is_remote(uri: str) -> bool: ...
+    def __init__(self, hook: MLflowHook) -> None:
+        self.hook = hook
+        # The hook's logger, so registry steps log under the hook's name as before.
+        self.log = hook.log
 
     #: Version tag naming the version that held ``alias`` before this version took it (rollback target).
     PREVIOUS_VERSION_TAG = "mltrain.previous_version.{alias}"
 
     @functools.cached_property
     def _client(self) -> MlflowClient:
-        # One client per hook: the registry steps make a dozen calls and the client holds no state that
-        # could go stale within a task.
-        return self.get_conn()
+        # One client per registry (so per hook): the registry steps make a dozen calls and the client holds
+        # no state that could go stale within a task.
+        return self.hook.get_conn()
 
     def _where(self) -> str:
-        return f"on {self.tracking_uri} (connection {self.mlflow_conn_id!r})"
+        return f"on {self.hook.tracking_uri} (connection {self.hook.mlflow_conn_id!r})"
 
     @staticmethod
     def _error_code(err: BaseException) -> str:
@@ -126,7 +118,7 @@ class MLflowRegistryMixin:
         :param run_id: the run.
         :param path: a directory inside the run's artifacts (the root when None).
         """
-        if not self._is_remote(self.tracking_uri):
+        if not self.hook.is_remote(self.hook.tracking_uri):
             from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
             # The run's own artifact repository, as mlflow.register_model reads it: MLflow 3's
@@ -138,7 +130,9 @@ class MLflowRegistryMixin:
         from mlflow.utils.rest_utils import http_request
 
         params = {"run_id": run_id, **({"path": path} if path else {})}
-        response = http_request(self.host_creds(), "/api/2.0/mlflow/artifacts/list", "GET", params=params)
+        response = http_request(
+            self.hook.host_creds(), "/api/2.0/mlflow/artifacts/list", "GET", params=params
+        )
         if response.status_code != 200:
             raise MLflowRegistryError(
                 f"cannot list artifacts of run {run_id!r} {self._where()}: HTTP {response.status_code} "
@@ -250,7 +244,7 @@ class MLflowRegistryMixin:
         on: there the source is the logged model's artifact location, the same files ``models:/m-...``
         names, so ``models:/<name>@<alias>`` loads on both stores.
         """
-        if self._is_remote(self.registry_uri):
+        if self.hook.is_remote(self.hook.registry_uri):
             return ModelSource(f"models:/{logged.model_id}", run_id, logged.model_id)
         return ModelSource(str(logged.artifact_location), run_id, logged.model_id)
 
@@ -383,7 +377,7 @@ class MLflowRegistryMixin:
             version = created.version
             self.log.info("Created model %r version %s from %s", name, version, source.source)
             existing = self._drop_if_duplicate(name, source, str(version))
-            if existing is None and source.model_id and not self._is_remote(self.registry_uri):
+            if existing is None and source.model_id and not self.hook.is_remote(self.hook.registry_uri):
                 # A tracking server records this itself when given the model_id.
                 self._link_logged_model(source.model_id, name, str(version))
         if existing is not None:
@@ -620,12 +614,12 @@ class MLflowRegistryMixin:
         else:
             self.log.info(
                 "Alias %r of model %r moved from version %s to version %s; roll back with "
-                "MLflowHook(%r).rollback_alias(%r, %r)",
+                "MLflowHook(%r).registry.rollback_alias(%r, %r)",
                 alias,
                 name,
                 previous,
                 version,
-                self.mlflow_conn_id,
+                self.hook.mlflow_conn_id,
                 name,
                 alias,
             )

@@ -15,9 +15,10 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from airflow.exceptions import AirflowException
 from airflow.sdk.bases.hook import BaseHook
 
-# MLflowRegistryError and ModelSource are part of this module's API; they live with the registry code.
+# MLflowRegistry, MLflowRegistryError and ModelSource are part of this module's API; they live with the
+# registry code.
+from airflow_provider_mltrain.hooks._mlflow_registry import MLflowRegistry as MLflowRegistry
 from airflow_provider_mltrain.hooks._mlflow_registry import MLflowRegistryError as MLflowRegistryError
-from airflow_provider_mltrain.hooks._mlflow_registry import MLflowRegistryMixin
 from airflow_provider_mltrain.hooks._mlflow_registry import ModelSource as ModelSource
 from gpu_trainer import contract
 
@@ -94,7 +95,7 @@ def _scoped_client_class() -> Callable[..., MlflowClient]:
     return ScopedMlflowClient
 
 
-class MLflowHook(MLflowRegistryMixin, BaseHook):
+class MLflowHook(BaseHook):
     """Interact with an MLflow tracking server (and its model registry) through an Airflow connection.
 
     The connection's *host* is the tracking URI: ``http(s)://host:port[/path]`` for a tracking server,
@@ -107,7 +108,8 @@ class MLflowHook(MLflowRegistryMixin, BaseHook):
     - ``ui_url``: base URL of the MLflow UI for operator links (defaults to the tracking URI).
 
     Credentials never reach ``os.environ``: :meth:`get_conn` binds them to the client's stores, and
-    :meth:`child_environment` hands them to a subprocess's environment only.
+    :meth:`child_environment` hands them to a subprocess's environment only. Model registry operations
+    (register a version, move or roll back an alias, read the champion) are on :attr:`registry`.
 
     :param mlflow_conn_id: the Airflow connection id.
     """
@@ -223,7 +225,7 @@ class MLflowHook(MLflowRegistryMixin, BaseHook):
             "token": token,
             "insecure": bool(insecure),
             "ca_bundle": ca_bundle,
-            "ui_url": (extra.get("ui_url") or (tracking_uri if self._is_remote(tracking_uri) else "")).rstrip(
+            "ui_url": (extra.get("ui_url") or (tracking_uri if self.is_remote(tracking_uri) else "")).rstrip(
                 "/"
             ),
         }
@@ -288,7 +290,11 @@ class MLflowHook(MLflowRegistryMixin, BaseHook):
             )
 
     @staticmethod
-    def _is_remote(uri: str) -> bool:
+    def is_remote(uri: str) -> bool:
+        """Whether ``uri`` names a tracking server (http/https) rather than a store the worker opens itself.
+
+        :param uri: a tracking or registry URI.
+        """
         return urlsplit(uri).scheme in REMOTE_SCHEMES
 
     @staticmethod
@@ -331,6 +337,11 @@ class MLflowHook(MLflowRegistryMixin, BaseHook):
 
     # -- clients -----------------------------------------------------------------------------------
 
+    @functools.cached_property
+    def registry(self) -> MLflowRegistry:
+        """The model registry of this connection (one per hook, sharing one client)."""
+        return MLflowRegistry(self)
+
     def get_conn(self) -> MlflowClient:
         """An ``MlflowClient`` bound to this connection, its credentials scoped to the client."""
         s = self._settings
@@ -340,8 +351,8 @@ class MLflowHook(MLflowRegistryMixin, BaseHook):
         return client_class(
             s["tracking_uri"],
             s["registry_uri"],
-            tracking_creds if self._is_remote(s["tracking_uri"]) else None,
-            registry_creds if self._is_remote(s["registry_uri"]) else None,
+            tracking_creds if self.is_remote(s["tracking_uri"]) else None,
+            registry_creds if self.is_remote(s["registry_uri"]) else None,
         )
 
     def child_environment(self) -> dict[str, str]:
@@ -377,7 +388,7 @@ class MLflowHook(MLflowRegistryMixin, BaseHook):
         """
         s = self._settings
         uri = s["tracking_uri"]
-        if not self._is_remote(uri):
+        if not self.is_remote(uri):
             try:
                 self.get_conn().search_experiments(max_results=1)
             except Exception as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ class MLflowRegisterOperator(BaseOperator):
     Idempotent: a retry (or a re-run with the same run and source) finds the version it created before
     instead of creating a duplicate. Moving an alias is the promotion: the version that held it before is
     recorded in the new version's tag ``mltrain.previous_version.<alias>`` and in the log, so
-    ``MLflowHook(conn_id).rollback_alias(name, alias)`` undoes it in one call.
+    ``MLflowHook(conn_id).registry.rollback_alias(name, alias)`` undoes it in one call.
 
     Returns (XCom) ``{name, version, model_uri ("models:/<name>/<version>"), aliases, run_id,
     previous_champion, previous_versions, source, created}``: ``previous_champion`` is the version that held
@@ -135,6 +136,11 @@ class MLflowRegisterOperator(BaseOperator):
         self.stage = stage
         self.mlflow_conn_id = mlflow_conn_id
 
+    @functools.cached_property
+    def hook(self) -> MLflowHook:
+        """The task's one MLflow hook: one connection look-up and one client per execution."""
+        return MLflowHook(self.mlflow_conn_id)
+
     def execute(self, context: Context) -> dict[str, Any]:
         # The link's XCom exists from the start, so a failed try ends without an "XCom not found" error.
         MLflowModelVersionLink.persist(context, "")
@@ -147,22 +153,22 @@ class MLflowRegisterOperator(BaseOperator):
                 "register (check the training task's XCom 'run_id' / 'model_uri')"
             )
         tags = {str(key): str(value) for key, value in (self.tags or {}).items()}
-        hook = MLflowHook(self.mlflow_conn_id)
-        hook.ping()
-        source = hook.resolve_model_source(
+        self.hook.ping()
+        registry = self.hook.registry
+        source = registry.resolve_model_source(
             run_id=run_id, model_uri=model_uri, artifact_path=self.artifact_path
         )
-        version, created = hook.register_model_version(
+        version, created = registry.register_model_version(
             name,
             source,
             tags=tags,
             description=self.description,
             await_ready_timeout=self.await_ready_timeout,
         )
-        previous = {alias: hook.move_alias(name, alias, version.version) for alias in self.aliases}
+        previous = {alias: registry.move_alias(name, alias, version.version) for alias in self.aliases}
         if self.stage:
-            hook.set_legacy_stage(name, version.version, self.stage)
-        MLflowModelVersionLink.persist(context, hook.model_version_url(name, version.version))
+            registry.set_legacy_stage(name, version.version, self.stage)
+        MLflowModelVersionLink.persist(context, self.hook.model_version_url(name, version.version))
         result = {
             "name": name,
             "version": str(version.version),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -172,6 +173,11 @@ class ModelQualityBranchOperator(BaseBranchOperator):
         self.on_missing_metric = validate_choice("on_missing_metric", on_missing_metric, ON_MISSING_METRIC)
         self.mlflow_conn_id = mlflow_conn_id
 
+    @functools.cached_property
+    def hook(self) -> MLflowHook:
+        """The task's one MLflow hook: one connection look-up and one client per execution."""
+        return MLflowHook(self.mlflow_conn_id)
+
     def choose_branch(self, context: Context) -> list[str]:
         """Evaluate the gates, log the table, push ``quality_report`` and return the branch."""
         report = self.evaluate()
@@ -194,7 +200,7 @@ class ModelQualityBranchOperator(BaseBranchOperator):
             scored on and the model URI).
         """
         needs_mlflow = self.metrics is None or self.champion_model is not None
-        hook = MLflowHook(self.mlflow_conn_id) if needs_mlflow else None
+        hook = self.hook if needs_mlflow else None
         if hook is not None:
             hook.ping()
         run_id = None if self.run_id is None else str(self.run_id).strip() or None
@@ -203,7 +209,7 @@ class ModelQualityBranchOperator(BaseBranchOperator):
                 raise ValueError(
                     "run_id rendered empty: the candidate's MLflow run id is needed to read its metrics"
                 )
-            candidate = hook.get_run_metrics(run_id)
+            candidate = hook.registry.get_run_metrics(run_id)
         else:
             candidate = parse_metrics(self.metrics)
         rescore = None if self.champion_metrics is None else parse_rescore(self.champion_metrics)
@@ -211,7 +217,7 @@ class ModelQualityBranchOperator(BaseBranchOperator):
         if hook is not None and self.champion_model is not None:
             name = validate_model_name(self.champion_model, "champion_model")
             alias = validate_alias(self.champion_alias, "champion_alias")
-            champion = hook.get_champion(name, alias)
+            champion = hook.registry.get_champion(name, alias)
             if champion is None:
                 self.log.info("No version of model %r holds alias %r: there is no champion yet", name, alias)
         like_for_like = self.like_for_like

@@ -71,7 +71,7 @@ def test_train_gate_register(
         ("val_loss", "max", "PASS"),
         ("-", "champion", "PASS"),  # the model is not registered yet: no champion, on_no_champion="pass"
     }
-    champion = MLflowHook().get_version_by_alias(name, "champion")
+    champion = MLflowHook().registry.get_version_by_alias(name, "champion")
     if ran == "register":
         assert xcoms[("register", "return_value")]["version"] == "1"
         assert champion is not None and champion.run_id == xcoms[("train", "return_value")]["run_id"]

@@ -74,7 +74,7 @@ def test_register_is_idempotent_and_moving_the_alias_records_the_previous_champi
     )
 
     # The rollback is one call and lands on the recorded previous holder.
-    assert hook.rollback_alias(name, "champion") == "1"
+    assert hook.registry.rollback_alias(name, "champion") == "1"
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 
 
@@ -84,14 +84,16 @@ def test_every_form_of_the_same_result_resolves_to_one_version(hook, mlflow_serv
     name = unique_name("forms")
 
     forms = [
-        hook.resolve_model_source(run_id=run_id, model_uri=result["model_uri"]),
-        hook.resolve_model_source(run_id=None, model_uri=result["model_uri"]),
-        hook.resolve_model_source(run_id=None, model_uri=f"runs:/{run_id}/model"),
-        hook.resolve_model_source(run_id=run_id, model_uri=None, artifact_path="model"),
+        hook.registry.resolve_model_source(run_id=run_id, model_uri=result["model_uri"]),
+        hook.registry.resolve_model_source(run_id=None, model_uri=result["model_uri"]),
+        hook.registry.resolve_model_source(run_id=None, model_uri=f"runs:/{run_id}/model"),
+        hook.registry.resolve_model_source(run_id=run_id, model_uri=None, artifact_path="model"),
     ]
 
     assert {tuple(f) for f in forms} == {(f"models:/{model_id}", run_id, model_id)}
-    versions = [hook.register_model_version(name, source, await_ready_timeout=30) for source in forms]
+    versions = [
+        hook.registry.register_model_version(name, source, await_ready_timeout=30) for source in forms
+    ]
     assert [(v.version, created) for v, created in versions] == [
         ("1", True),
         ("1", False),
@@ -114,7 +116,9 @@ def test_a_model_in_the_run_artifacts_mlflow2_layout_is_registered_from_there(
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(model_dir), artifact_path="exported")
 
-    source = hook.resolve_model_source(run_id=run.info.run_id, model_uri=None, artifact_path="exported")
+    source = hook.registry.resolve_model_source(
+        run_id=run.info.run_id, model_uri=None, artifact_path="exported"
+    )
 
     assert source.source == f"{run.info.artifact_uri}/exported"
     assert source.run_id == run.info.run_id and source.model_id is None
@@ -122,12 +126,12 @@ def test_a_model_in_the_run_artifacts_mlflow2_layout_is_registered_from_there(
 
 def test_run_not_found_is_a_clear_error(hook):
     with pytest.raises(MLflowRegistryError, match=r"MLflow run '0{32}' not found on http://127\.0\.0\.1"):
-        hook.resolve_model_source(run_id="0" * 32, model_uri=None)
+        hook.registry.resolve_model_source(run_id="0" * 32, model_uri=None)
 
 
 def test_logged_model_not_found_is_a_clear_error(hook):
     with pytest.raises(MLflowRegistryError, match=r"logged model 'm-0{32}' .* not found"):
-        hook.resolve_model_source(run_id=None, model_uri="models:/m-" + "0" * 32)
+        hook.registry.resolve_model_source(run_id=None, model_uri="models:/m-" + "0" * 32)
 
 
 def test_missing_artifact_path_lists_what_the_run_holds(hook, mlflow_server, monkeypatch, tmp_path):
@@ -140,7 +144,7 @@ def test_missing_artifact_path_lists_what_the_run_holds(hook, mlflow_server, mon
         mlflow.log_artifact(str(notes))
 
     with pytest.raises(MLflowRegistryError) as err:
-        hook.resolve_model_source(run_id=result["run_id"], model_uri=None, artifact_path="weights")
+        hook.registry.resolve_model_source(run_id=result["run_id"], model_uri=None, artifact_path="weights")
 
     message = str(err.value)
     assert f"run '{result['run_id']}' has no model at artifact path 'weights'" in message
@@ -151,7 +155,7 @@ def test_run_id_and_model_uri_of_different_runs_are_rejected(hook, mlflow_server
     a = log_tiny_model(monkeypatch, mlflow_server.uri, {"val_accuracy": 0.9})
     b = log_tiny_model(monkeypatch, mlflow_server.uri, {"val_accuracy": 0.9})
     with pytest.raises(MLflowRegistryError, match="disagree"):
-        hook.resolve_model_source(run_id=a["run_id"], model_uri=b["model_uri"])
+        hook.registry.resolve_model_source(run_id=a["run_id"], model_uri=b["model_uri"])
 
 
 def test_legacy_stage_description_and_aliases(airflow_db, hook, mlflow_server, monkeypatch):
@@ -223,17 +227,19 @@ def test_registration_with_basic_auth_uses_the_connection_credentials_only(
     hook = MLflowHook("mlflow_alice")
     name = unique_name("auth")
 
-    source = hook.resolve_model_source(run_id=result["run_id"], model_uri=None)  # lists artifacts over REST
-    version, created = hook.register_model_version(name, source, await_ready_timeout=30)
-    previous = hook.move_alias(name, "champion", version.version)
+    source = hook.registry.resolve_model_source(
+        run_id=result["run_id"], model_uri=None
+    )  # lists artifacts over REST
+    version, created = hook.registry.register_model_version(name, source, await_ready_timeout=30)
+    previous = hook.registry.move_alias(name, "champion", version.version)
 
     assert (version.version, created, previous) == ("1", True, None)
     assert source.source == result["model_uri"]
-    assert hook.get_champion(name)["metrics"] == {"val_accuracy": 0.9}
+    assert hook.registry.get_champion(name)["metrics"] == {"val_accuracy": 0.9}
     with pytest.raises(
         MLflowRegistryError, match=r"its artifacts are \(none\) and its logged models are \['model'\]"
     ):
-        hook.resolve_model_source(run_id=result["run_id"], model_uri=None, artifact_path="weights")
+        hook.registry.resolve_model_source(run_id=result["run_id"], model_uri=None, artifact_path="weights")
 
 
 # -- loading what was registered with MLflow's own client (issue 15 item 0) ------------------------------
@@ -329,9 +335,9 @@ def _race(*jobs):
 def _promote(name: str, result: dict) -> tuple[str, bool, str | None]:
     """What MLflowRegisterOperator.execute does, on a hook of its own (one per task, as in Airflow)."""
     hook = MLflowHook()
-    source = hook.resolve_model_source(run_id=result["run_id"], model_uri=result["model_uri"])
-    version, created = hook.register_model_version(name, source, await_ready_timeout=30)
-    return str(version.version), created, hook.move_alias(name, "champion", version.version)
+    source = hook.registry.resolve_model_source(run_id=result["run_id"], model_uri=result["model_uri"])
+    version, created = hook.registry.register_model_version(name, source, await_ready_timeout=30)
+    return str(version.version), created, hook.registry.move_alias(name, "champion", version.version)
 
 
 @pytest.mark.parametrize("attempt", range(4))
@@ -355,8 +361,10 @@ def test_concurrent_promotions_of_two_runs_keep_a_correct_rollback_chain(
     assert tag not in client.get_model_version(name, other).tags
     reported = {v: previous for v, _, previous in outcomes}
     assert reported == {other: None, holder.version: other}
-    assert hook.rollback_alias(name, "champion") == other
-    assert client.search_registered_models(f"name = '{hook.alias_lock_name(name, 'champion')}'") == []
+    assert hook.registry.rollback_alias(name, "champion") == other
+    assert (
+        client.search_registered_models(f"name = '{hook.registry.alias_lock_name(name, 'champion')}'") == []
+    )
 
 
 @pytest.mark.parametrize("attempt", range(4))
@@ -365,7 +373,7 @@ def test_the_same_run_registered_twice_concurrently_yields_one_version(
 ):
     result = log_tiny_model(monkeypatch, mlflow_server.uri, {"val_accuracy": 0.9})
     name = unique_name("race-same")
-    MLflowHook().ensure_registered_model(name)
+    MLflowHook().registry.ensure_registered_model(name)
 
     outcomes = _race(lambda: _promote(name, result), lambda: _promote(name, result))
 
@@ -384,10 +392,10 @@ def test_the_same_run_registered_twice_concurrently_yields_one_version(
 def test_a_name_with_a_quote_is_found_again_on_retry(hook, mlflow_server, monkeypatch):
     result = log_tiny_model(monkeypatch, mlflow_server.uri, {"val_accuracy": 0.9})
     name = unique_name("o'brien's model")
-    source = hook.resolve_model_source(run_id=result["run_id"], model_uri=result["model_uri"])
+    source = hook.registry.resolve_model_source(run_id=result["run_id"], model_uri=result["model_uri"])
 
-    first, created_first = hook.register_model_version(name, source, await_ready_timeout=30)
-    again, created_again = hook.register_model_version(name, source, await_ready_timeout=30)
+    first, created_first = hook.registry.register_model_version(name, source, await_ready_timeout=30)
+    again, created_again = hook.registry.register_model_version(name, source, await_ready_timeout=30)
 
     assert (first.version, created_first, again.version, created_again) == ("1", True, "1", False)
     assert [v.version for v in hook.get_conn().search_model_versions(f'name = "{name}"')] == ["1"]
@@ -529,20 +537,20 @@ def test_a_held_alias_lock_times_out_with_its_name_and_a_stale_one_is_broken(
 ):
     result = log_tiny_model(monkeypatch, mlflow_server.uri, {"val_accuracy": 0.9})
     name = unique_name("locked")
-    source = hook.resolve_model_source(run_id=result["run_id"], model_uri=result["model_uri"])
-    version, _ = hook.register_model_version(name, source, await_ready_timeout=30)
-    lock = hook.alias_lock_name(name, "champion")
+    source = hook.registry.resolve_model_source(run_id=result["run_id"], model_uri=result["model_uri"])
+    version, _ = hook.registry.register_model_version(name, source, await_ready_timeout=30)
+    lock = hook.registry.alias_lock_name(name, "champion")
     hook.get_conn().create_registered_model(lock)  # a lock another task holds right now
 
     waiting = MLflowHook()
-    waiting.ALIAS_LOCK_TIMEOUT_S = 0.5
+    waiting.registry.ALIAS_LOCK_TIMEOUT_S = 0.5
     with pytest.raises(MLflowRegistryError, match=rf"stayed locked for 0.5 s by registered model '{lock}'"):
-        waiting.move_alias(name, "champion", version.version)
-    assert hook.get_version_by_alias(name, "champion") is None
+        waiting.registry.move_alias(name, "champion", version.version)
+    assert hook.registry.get_version_by_alias(name, "champion") is None
 
     # The holder died: once the lock is older than ALIAS_LOCK_STALE_S it is broken and the move goes on.
     breaking = MLflowHook()
-    breaking.ALIAS_LOCK_STALE_S = 0.0
-    assert breaking.move_alias(name, "champion", version.version) is None
-    assert hook.get_version_by_alias(name, "champion").version == version.version
+    breaking.registry.ALIAS_LOCK_STALE_S = 0.0
+    assert breaking.registry.move_alias(name, "champion", version.version) is None
+    assert hook.registry.get_version_by_alias(name, "champion").version == version.version
     assert hook.get_conn().search_registered_models(f"name = '{lock}'") == []

@@ -20,9 +20,9 @@ def champion_model(mlflow_server) -> str:
         result = log_tiny_model(mp, mlflow_server.uri, CHAMPION_METRICS)
         hook = MLflowHook()
         name = unique_name("gate-champion")
-        source = hook.resolve_model_source(run_id=result["run_id"], model_uri=result["model_uri"])
-        version, _ = hook.register_model_version(name, source, await_ready_timeout=30)
-        hook.move_alias(name, "champion", version.version)
+        source = hook.registry.resolve_model_source(run_id=result["run_id"], model_uri=result["model_uri"])
+        version, _ = hook.registry.register_model_version(name, source, await_ready_timeout=30)
+        hook.registry.move_alias(name, "champion", version.version)
     return name
 
 
@@ -168,7 +168,7 @@ def _scored(run_id: str | None, metrics: dict[str, float]) -> dict:
 
 
 def test_like_for_like_gate_compares_with_the_champion_rescored_on_the_candidates_holdout(champion_model):
-    holder = MLflowHook().get_champion(champion_model)
+    holder = MLflowHook().registry.get_champion(champion_model)
     assert holder is not None
     # Recorded 0.92 on its own day; on the candidate's holdout it scores 0.95, so 0.94 is no improvement.
     op = gate(

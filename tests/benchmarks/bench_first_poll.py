@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.fixtures.s3 import aws_connection_json, free_port  # noqa: E402
-from tests.integration.triggers.test_first_poll_loop_block import PROBE  # noqa: E402
+from tests.fixtures.trigger_probes import FIRST_POLL_PROBE  # noqa: E402
 
 BASELINE_PATCH = (
     "import contextlib\n"
@@ -66,7 +66,10 @@ def main() -> None:
     blocks: dict[str, list[float]] = {"provider": [], "baseline": []}
     try:
         for _ in range(samples):
-            for name, code in (("provider", PROBE), ("baseline", BASELINE_PATCH + PROBE)):
+            for name, code in (
+                ("provider", FIRST_POLL_PROBE),
+                ("baseline", BASELINE_PATCH + FIRST_POLL_PROBE),
+            ):
                 done = subprocess.run(
                     [sys.executable, "-c", code, f"s3://{bucket}/day/*.parquet"],
                     env=env,

@@ -18,41 +18,12 @@ import sys
 import uuid
 
 from tests.fixtures.s3 import aws_connection_json
+from tests.fixtures.trigger_probes import FIRST_POLL_PROBE
 
 #: What the triggerer warns at. The first poll of a fresh process blocked the loop 0.35-0.63 s before (a
 #: full GC during botocore's model loading), 0.06-0.12 s now on a loaded 2-core machine
 #: (tests/benchmarks/bench_first_poll.py compares the two).
 MAX_LOOP_BLOCK_S = 0.2
-
-PROBE = """
-import asyncio, json, sys, time
-import airflow.jobs.triggerer_job_runner  # what the triggerer process has loaded (heap size matters)
-from airflow_provider_mltrain.triggers.dataset import DatasetTrigger
-
-async def main():
-    longest = 0.0
-    stop = False
-
-    async def ticker():
-        nonlocal longest
-        tick = 0.005
-        last = time.perf_counter()
-        while not stop:
-            await asyncio.sleep(tick)
-            now = time.perf_counter()
-            longest = max(longest, now - last - tick)
-            last = now
-
-    watch = asyncio.create_task(ticker())
-    await asyncio.sleep(0.05)
-    trigger = DatasetTrigger(uri=sys.argv[1], aws_conn_id="probe_s3", poke_interval=60)
-    event = await asyncio.wait_for(anext(trigger.run()), 60)
-    stop = True
-    await watch
-    print(json.dumps({"longest_block_s": longest, "event": event.payload}))
-
-asyncio.run(main())
-"""
 
 
 def test_first_poll_of_a_process_does_not_block_the_loop(s3_server, tmp_path):
@@ -69,7 +40,7 @@ def test_first_poll_of_a_process_does_not_block_the_loop(s3_server, tmp_path):
     }
 
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, f"s3://{bucket}/day/*.parquet"],
+        [sys.executable, "-c", FIRST_POLL_PROBE, f"s3://{bucket}/day/*.parquet"],
         env=env,
         capture_output=True,
         text=True,

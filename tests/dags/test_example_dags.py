@@ -123,7 +123,8 @@ def test_pipeline_end_to_end_registers_a_champion_then_skips_an_unreachable_gate
     assert first_report["like_for_like"] is True and first_report["champion"] is None
     assert first_report["candidate"]["run_id"] == champion.run_id
     assert xcom_value(first, "score_champion")["params"]["model_found"] is False
-    # The model carries its preprocessing: MLflow's own client scores the raw held-out rows.
+    # The model carries its preprocessing: the registered champion, loaded by MLflow's own client, scores
+    # the raw held-out rows.
     import mlflow.pyfunc
     import pandas as pd
 
@@ -131,7 +132,7 @@ def test_pipeline_end_to_end_registers_a_champion_then_skips_an_unreachable_gate
     held_out = pd.read_parquet(day / "prepared" / "val.parquet")
     raw = held_out.drop(columns=["label"]).to_numpy("float32")
     assert raw.max() == 16.0  # raw pixel intensities, nothing scaled them
-    model = mlflow.pyfunc.load_model(f"runs:/{champion.run_id}/model")
+    model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
     assert (model.predict(raw).argmax(axis=1) == held_out["label"].to_numpy()).mean() >= 0.90
 
     unreachable = {**conf, "max_val_loss": 0.0}

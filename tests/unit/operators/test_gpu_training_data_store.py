@@ -73,6 +73,14 @@ def test_bad_data_secret_names_fail_at_construction_and_at_partial(bad):
         GPUTrainingPodOperator.partial(task_id="t", data_secret=bad)
 
 
+@pytest.mark.parametrize("bad", ["", "  ", 42, ["aws_default"]])
+def test_bad_aws_conn_id_fails_at_construction_and_at_partial(bad):
+    with pytest.raises(ValueError, match=r"invalid aws_conn_id=.*connection id"):
+        op_(aws_conn_id=bad)
+    with pytest.raises(ValueError, match=r"invalid aws_conn_id=.*connection id"):
+        GPUTrainingPodOperator.partial(task_id="t", aws_conn_id=bad)
+
+
 def test_templated_data_secret_is_checked_after_rendering():
     op = op_(data_secret="{{ params.secret }}")
     op.data_secret = "Not A Name"  # what rendering produced

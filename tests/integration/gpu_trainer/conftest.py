@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from gpu_trainer.digits import write_digits
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
-
-#: One configuration shared by the reference run, the resume test and the torchrun test.
-BASE_ARGS = ["--epochs", "4", "--batch-size", "64", "--lr", "0.002", "--seed", "7", "--hidden-dim", "128"]
+from tests.fixtures.trainer_runs import BASE_ARGS, run_trainer, trainer_env
 
 
 @pytest.fixture(autouse=True)
@@ -36,37 +29,6 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     write_digits(str(out))
     return out
-
-
-def trainer_env(tracking_uri: str, **extra: str) -> dict[str, str]:
-    """A clean environment for a trainer subprocess (no inherited MLflow/contract variables)."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("MLFLOW_", "MLTRAIN_")) and key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-    }
-    env.update(
-        MLFLOW_TRACKING_URI=tracking_uri,
-        PYTHONPATH=str(REPO_ROOT),
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",
-        **extra,
-    )
-    return env
-
-
-def run_trainer(
-    args: list[str], env: dict[str, str], *, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m gpu_trainer.train`` to completion."""
-    return subprocess.run(
-        [sys.executable, "-m", "gpu_trainer.train", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO_ROOT,
-    )
 
 
 @pytest.fixture(scope="session")

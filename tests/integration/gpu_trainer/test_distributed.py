@@ -8,8 +8,7 @@ import sys
 from mlflow.tracking import MlflowClient
 
 from gpu_trainer import contract
-
-from .conftest import REPO_ROOT, trainer_env
+from tests.fixtures.trainer_runs import REPO_ROOT, trainer_env
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path, digits_dir):

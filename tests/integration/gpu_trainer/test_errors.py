@@ -12,8 +12,7 @@ import pytest
 
 from gpu_trainer import contract
 from gpu_trainer.train import main
-
-from .conftest import REPO_ROOT, trainer_env
+from tests.fixtures.trainer_runs import REPO_ROOT, trainer_env
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:

@@ -12,8 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from gpu_trainer import checkpoint, contract
-
-from .conftest import BASE_ARGS, REPO_ROOT, run_trainer, trainer_env
+from tests.fixtures.trainer_runs import BASE_ARGS, REPO_ROOT, run_trainer, trainer_env
 
 
 def test_killed_run_resumes_at_epoch_3_in_the_same_mlflow_run(tmp_path, digits_dir, reference_run):

@@ -22,8 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from gpu_trainer import checkpoint
 from tests.fixtures.mlflow_servers import free_port, start_server, stop_server
-
-from .conftest import BASE_ARGS, REPO_ROOT, run_trainer, trainer_env
+from tests.fixtures.trainer_runs import BASE_ARGS, REPO_ROOT, run_trainer, trainer_env
 
 EPOCHS = 30
 #: A refused connection fails at once and every epoch retries: the test needs no waiting.

@@ -1,7 +1,7 @@
 """End to end on the local launcher: real ``dag.test()`` runs on SQLite, a real trainer subprocess.
 
-The trainer is a small script that follows :mod:`gpu_trainer.contract` (written here, so these tests do not
-depend on the real trainer): it reads its hyperparameters, lineage and checkpoint directory from the
+The trainer is a small script that follows :mod:`gpu_trainer.contract` (``tests/fixtures/trainer_scripts.py``,
+so these tests do not depend on the real trainer): it reads its hyperparameters, lineage and checkpoint directory from the
 environment and writes a contract result.
 """
 

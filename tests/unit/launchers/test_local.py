@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_mltrain.launchers.local import (
+    LocalLauncher,
     LocalProcess,
     LocalTrainerTimeout,
     child_environment,
     local_command,
 )
+from gpu_trainer import contract
 from tests.fixtures.processes import alive, wait_for
 
 
@@ -130,3 +132,35 @@ def test_timeout_stops_the_whole_process_group(tmp_path, ignore_term):
     assert not alive(grandchild), "the trainer's child survived the kill"
     if ignore_term:
         assert any("SIGKILL" in line for line in log.lines)
+
+
+def test_launcher_gives_the_trainer_a_private_result_path_and_reads_it_back(tmp_path):
+    script = tmp_path / "t.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys
+            from gpu_trainer import contract
+            print(contract.result_path(), flush=True)
+            result = contract.make_result(run_id="r1", model_uri="file:///m", metrics={"acc": float(sys.argv[1])},
+                params={}, resumed_from_epoch=None)
+            contract.write_result(contract.result_path(), result)
+            sys.exit(int(sys.argv[2]))
+            """
+        )
+    )
+    checkpoint_dir = tmp_path / "ckpt" / "dag" / "task"
+    env = {contract.ENV_RESULT_PATH: contract.DEFAULT_RESULT_PATH}  # the pod's path: not this machine's
+    launcher = LocalLauncher(ListLog(), checkpoint_dir=str(checkpoint_dir), timeout_s=60)
+
+    run = launcher.run(["python", str(script), "0.5", "0"], env)
+
+    assert checkpoint_dir.is_dir()
+    assert run.returncode == 0 and run.command[0] == sys.executable
+    assert run.result is not None and run.result["metrics"] == {"acc": 0.5}
+    result_path = run.tail[0]
+    assert result_path != contract.DEFAULT_RESULT_PATH
+    assert not os.path.exists(os.path.dirname(result_path))  # removed after reading
+
+    failed = launcher.run(["python", str(script), "0.5", "3"], env)
+    assert failed.returncode == 3 and failed.result is None

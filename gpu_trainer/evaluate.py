@@ -24,7 +24,7 @@ import torch
 from gpu_trainer import contract, runtime
 from gpu_trainer.data import load_holdout
 from gpu_trainer.errors import CliParser, TrainerError, one_line, run_cli
-from gpu_trainer.metrics import evaluate
+from gpu_trainer.metrics import score_split
 
 log = logging.getLogger("gpu_trainer")
 
@@ -132,7 +132,7 @@ def evaluate_model(
     with torch.no_grad():
         width = int(model(split.features[:1].to(target)).shape[1])
     num_classes = max(width, int(split.labels.max().item()) + 1)
-    scores = evaluate(model, split, num_classes=num_classes, device=target, batch_size=batch_size)
+    scores = score_split(model, split, num_classes=num_classes, device=target, batch_size=batch_size)
     result = contract.make_result(
         run_id=info.run_id,
         model_uri=model_uri,

@@ -44,7 +44,7 @@ def macro_f1(confusion: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(
+def score_split(
     model: Callable[[torch.Tensor], torch.Tensor],
     split: Split,
     *,

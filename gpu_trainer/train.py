@@ -24,7 +24,7 @@ from gpu_trainer import checkpoint, contract, runtime
 from gpu_trainer.config import TrainConfig, resolve_config
 from gpu_trainer.data import Dataset, Split, epoch_indices, iterate_batches, load_dataset, pin
 from gpu_trainer.errors import TrainerError, run_cli
-from gpu_trainer.metrics import Evaluation, evaluate
+from gpu_trainer.metrics import Evaluation, score_split
 from gpu_trainer.models import build_model
 
 log = logging.getLogger("gpu_trainer")
@@ -332,7 +332,7 @@ def _train(
 
             if info.is_main:
                 core.eval()
-                last_eval = evaluate(
+                last_eval = score_split(
                     core,
                     val_split,
                     num_classes=dataset.num_classes,
@@ -377,7 +377,7 @@ def _train(
         core.eval()
         if last_eval is None:
             # Resumed after the last epoch had finished (e.g. killed while logging the model).
-            last_eval = evaluate(
+            last_eval = score_split(
                 core, val_split, num_classes=dataset.num_classes, device=device, autocast_dtype=amp_dtype
             )
         if not history:

@@ -36,7 +36,7 @@ def parse_modified_after(value: Any, *, param: str = "modified_after") -> dateti
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
-def validate_thresholds(min_objects: Any, min_total_bytes: Any, success_marker: Any) -> None:
+def validate_completeness_thresholds(min_objects: Any, min_total_bytes: Any, success_marker: Any) -> None:
     """Raise ValueError for thresholds that are wrong or can never mean "wait for something"."""
     for name, value in (("min_objects", min_objects), ("min_total_bytes", min_total_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -70,7 +70,9 @@ class Criteria:
     modified_after: datetime | None = None
 
 
-def evaluate(location: DatasetLocation, objects: list[ObjectInfo], criteria: Criteria) -> dict[str, Any]:
+def apply_criteria(
+    location: DatasetLocation, objects: list[ObjectInfo], criteria: Criteria
+) -> dict[str, Any]:
     """Apply the criteria to a listing; returns the summary (``complete`` says whether it is met).
 
     The marker is not a data object: it is left out of the matches and the totals.
@@ -122,4 +124,4 @@ async def check_dataset_once(
             objects = await list_s3(client, location)
     else:
         objects = await list_local(location)
-    return evaluate(location, objects, criteria)
+    return apply_criteria(location, objects, criteria)

@@ -9,22 +9,21 @@ hook, nothing here imports mlflow at module level.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow.exceptions import AirflowException
 
 if TYPE_CHECKING:
+    from airflow.sdk.types import Logger
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModel, Run
     from mlflow.entities.model_registry import ModelVersion
-
-    from airflow_provider_mltrain.hooks.mlflow import MLflowHook
+    from mlflow.utils.rest_utils import MlflowHostCreds
 
 
 class MLflowRegistryError(AirflowException):
@@ -65,30 +64,45 @@ def filter_literal(value: str) -> str:
 
 
 class MLflowRegistry:
-    """Registry operations on the connection of one :class:`~airflow_provider_mltrain.hooks.mlflow.MLflowHook`.
+    """Registry operations on one MLflow connection; :class:`~airflow_provider_mltrain.hooks.mlflow.MLflowHook`
+    builds it from its connection and owns it (``hook.registry``).
 
-    The hook owns it (``hook.registry``) and it reaches the server only through the hook: its client,
-    URIs and credentials. Errors name the object, the server and the connection.
+    It is given what it needs rather than the hook itself, so this module does not import the hook's
+    (which imports this one for its registry).
 
-    :param hook: the hook whose connection the registry uses.
+    :param client: the connection's ``MlflowClient`` (from ``MLflowHook.get_conn``); one client serves
+        every registry step of a task, and it holds no state that could go stale within one.
+    :param conn_id: the Airflow connection id, named in error messages.
+    :param tracking_uri: the tracking URI (no credentials in it), named in error messages.
+    :param tracking_creds: the tracking server's credentials for its REST API; None for a local store,
+        which is read through MLflow's artifact repositories instead.
+    :param registry_is_remote: whether the registry is a tracking server (it resolves ``models:/m-...``
+        sources and links logged models itself) rather than a local store.
+    :param log: the logger the registry steps log to (the hook's).
     """
-
-    def __init__(self, hook: MLflowHook) -> None:
-        self.hook = hook
-        # The hook's logger, so registry steps log under the hook's name as before.
-        self.log = hook.log
 
     #: Version tag naming the version that held ``alias`` before this version took it (rollback target).
     PREVIOUS_VERSION_TAG = "mltrain.previous_version.{alias}"
 
-    @functools.cached_property
-    def _client(self) -> MlflowClient:
-        # One client per registry (so per hook): the registry steps make a dozen calls and the client holds
-        # no state that could go stale within a task.
-        return self.hook.get_conn()
+    def __init__(
+        self,
+        client: MlflowClient,
+        *,
+        conn_id: str,
+        tracking_uri: str,
+        tracking_creds: Callable[[], MlflowHostCreds] | None,
+        registry_is_remote: bool,
+        log: Logger,
+    ) -> None:
+        self._client = client
+        self.conn_id = conn_id
+        self.tracking_uri = tracking_uri
+        self.tracking_creds = tracking_creds
+        self.registry_is_remote = registry_is_remote
+        self.log = log
 
     def _where(self) -> str:
-        return f"on {self.hook.tracking_uri} (connection {self.hook.mlflow_conn_id!r})"
+        return f"on {self.tracking_uri} (connection {self.conn_id!r})"
 
     @staticmethod
     def _error_code(err: BaseException) -> str:
@@ -118,7 +132,7 @@ class MLflowRegistry:
         :param run_id: the run.
         :param path: a directory inside the run's artifacts (the root when None).
         """
-        if not self.hook.is_remote(self.hook.tracking_uri):
+        if self.tracking_creds is None:
             from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
             # The run's own artifact repository, as mlflow.register_model reads it: MLflow 3's
@@ -130,9 +144,7 @@ class MLflowRegistry:
         from mlflow.utils.rest_utils import http_request
 
         params = {"run_id": run_id, **({"path": path} if path else {})}
-        response = http_request(
-            self.hook.host_creds(), "/api/2.0/mlflow/artifacts/list", "GET", params=params
-        )
+        response = http_request(self.tracking_creds(), "/api/2.0/mlflow/artifacts/list", "GET", params=params)
         if response.status_code != 200:
             raise MLflowRegistryError(
                 f"cannot list artifacts of run {run_id!r} {self._where()}: HTTP {response.status_code} "
@@ -244,7 +256,7 @@ class MLflowRegistry:
         on: there the source is the logged model's artifact location, the same files ``models:/m-...``
         names, so ``models:/<name>@<alias>`` loads on both stores.
         """
-        if self.hook.is_remote(self.hook.registry_uri):
+        if self.registry_is_remote:
             return ModelSource(f"models:/{logged.model_id}", run_id, logged.model_id)
         return ModelSource(str(logged.artifact_location), run_id, logged.model_id)
 
@@ -377,7 +389,7 @@ class MLflowRegistry:
             version = created.version
             self.log.info("Created model %r version %s from %s", name, version, source.source)
             existing = self._drop_if_duplicate(name, source, str(version))
-            if existing is None and source.model_id and not self.hook.is_remote(self.hook.registry_uri):
+            if existing is None and source.model_id and not self.registry_is_remote:
                 # A tracking server records this itself when given the model_id.
                 self._link_logged_model(source.model_id, name, str(version))
         if existing is not None:
@@ -619,7 +631,7 @@ class MLflowRegistry:
                 name,
                 previous,
                 version,
-                self.hook.mlflow_conn_id,
+                self.conn_id,
                 name,
                 alias,
             )

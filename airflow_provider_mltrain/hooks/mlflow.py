@@ -225,7 +225,7 @@ class MLflowHook(BaseHook):
             "token": token,
             "insecure": bool(insecure),
             "ca_bundle": ca_bundle,
-            "ui_url": (extra.get("ui_url") or (tracking_uri if self.is_remote(tracking_uri) else "")).rstrip(
+            "ui_url": (extra.get("ui_url") or (tracking_uri if self._is_remote(tracking_uri) else "")).rstrip(
                 "/"
             ),
         }
@@ -290,11 +290,7 @@ class MLflowHook(BaseHook):
             )
 
     @staticmethod
-    def is_remote(uri: str) -> bool:
-        """Whether ``uri`` names a tracking server (http/https) rather than a store the worker opens itself.
-
-        :param uri: a tracking or registry URI.
-        """
+    def _is_remote(uri: str) -> bool:
         return urlsplit(uri).scheme in REMOTE_SCHEMES
 
     @staticmethod
@@ -339,8 +335,16 @@ class MLflowHook(BaseHook):
 
     @functools.cached_property
     def registry(self) -> MLflowRegistry:
-        """The model registry of this connection (one per hook, sharing one client)."""
-        return MLflowRegistry(self)
+        """The model registry of this connection: one per hook, with one client for all its steps."""
+        s = self._settings
+        return MLflowRegistry(
+            self.get_conn(),
+            conn_id=self.mlflow_conn_id,
+            tracking_uri=s["tracking_uri"],
+            tracking_creds=self.host_creds if self._is_remote(s["tracking_uri"]) else None,
+            registry_is_remote=self._is_remote(s["registry_uri"]),
+            log=self.log,
+        )
 
     def get_conn(self) -> MlflowClient:
         """An ``MlflowClient`` bound to this connection, its credentials scoped to the client."""
@@ -351,8 +355,8 @@ class MLflowHook(BaseHook):
         return client_class(
             s["tracking_uri"],
             s["registry_uri"],
-            tracking_creds if self.is_remote(s["tracking_uri"]) else None,
-            registry_creds if self.is_remote(s["registry_uri"]) else None,
+            tracking_creds if self._is_remote(s["tracking_uri"]) else None,
+            registry_creds if self._is_remote(s["registry_uri"]) else None,
         )
 
     def child_environment(self) -> dict[str, str]:
@@ -388,7 +392,7 @@ class MLflowHook(BaseHook):
         """
         s = self._settings
         uri = s["tracking_uri"]
-        if not self.is_remote(uri):
+        if not self._is_remote(uri):
             try:
                 self.get_conn().search_experiments(max_results=1)
             except Exception as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from airflow_provider_mltrain._templating import renders_later
 from airflow_provider_mltrain.operators import _pod_spec as spec
 from gpu_trainer import contract
 
@@ -34,13 +35,9 @@ NOT_TEMPLATED = (
 )
 
 
-def _later(value: Any) -> bool:
-    return spec.is_templated(value)
-
-
 def check_env_vars(env: Any) -> None:
     """Refuse ``env_vars`` that would override the variables the operator sets from its parameters."""
-    if env is None or _later(env):
+    if env is None or renders_later(env):
         return
     names = list(env) if isinstance(env, dict) else [getattr(e, "name", None) for e in env]
     clash = sorted(set(RESERVED_ENV) & {str(n) for n in names})
@@ -80,10 +77,10 @@ def check_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(args)
 
     def known(name: str) -> bool:
-        return name in args and not _later(args[name])
+        return name in args and not renders_later(args[name])
 
     for name in NOT_TEMPLATED:
-        if name in args and _later(args[name]):
+        if name in args and renders_later(args[name]):
             raise spec.bad_param(
                 name,
                 args[name],

@@ -22,18 +22,6 @@ MAX_ALIAS_LENGTH = 255
 LEGACY_STAGES = ("Staging", "Production", "Archived")
 
 
-def is_template(value: Any) -> bool:
-    """True for a value Airflow renders later (a Jinja string or an XComArg); it is checked after rendering.
-
-    :param value: a parameter value.
-    """
-    if isinstance(value, str):
-        return "{{" in value or "{%" in value
-    # XComArg and other resolvables (duck-typed: importing airflow.sdk's XComArg here costs nothing
-    # but keeps this module free of Airflow internals).
-    return hasattr(value, "resolve") and not isinstance(value, (dict, list, tuple))
-
-
 def validate_model_name(value: Any, param: str = "model_name") -> str:
     """A registered model name MLflow accepts.
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from kubernetes.client import models as k8s
 
+from airflow_provider_mltrain._templating import renders_later
 from gpu_trainer import contract
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
@@ -63,14 +64,6 @@ _SUFFIX_SCALE = {
     "E": Decimal(10) ** 18,
     **{f"{p}i": Decimal(1024) ** (n + 1) for n, p in enumerate("KMGTPE")},
 }
-
-
-def is_templated(value: Any) -> bool:
-    """Whether a value is rendered later (a Jinja string or an XComArg/mapped argument)."""
-    if isinstance(value, str):
-        return "{{" in value or "{%" in value
-    # XComArg and friends; checked by duck type so this module never imports the SDK's internals.
-    return hasattr(value, "resolve") and hasattr(value, "iter_references")
 
 
 def bad_param(name: str, value: Any, allowed: str) -> ValueError:
@@ -239,7 +232,7 @@ def check_checkpoint_volume(value: Any) -> dict[str, str] | None:
         raise bad_param("checkpoint_volume", value, allowed)
     claim = value.get("claim_name")
     mount = value.get("mount_path", DEFAULT_CHECKPOINT_MOUNT)
-    if not isinstance(claim, str) or not (is_templated(claim) or _DNS_SUBDOMAIN.match(claim)):
+    if not isinstance(claim, str) or not (renders_later(claim) or _DNS_SUBDOMAIN.match(claim)):
         raise bad_param("checkpoint_volume", value, allowed + "; claim_name must be a DNS subdomain name")
     if not isinstance(mount, str) or not mount.startswith("/") or mount.rstrip("/") in ("", "/dev/shm"):
         raise bad_param(

@@ -13,6 +13,8 @@ from typing import Any
 
 from airflow.exceptions import AirflowException
 
+from airflow_provider_mltrain._templating import is_jinja_template
+
 GATE_KEYS = ("min", "max")
 ON_NO_CHAMPION = ("pass", "fail")
 ON_MISSING_METRIC = ("raise", "fail_branch")
@@ -40,16 +42,12 @@ def _check_metric_name(name: Any, param: str) -> str:
     return name
 
 
-def _is_template(value: Any) -> bool:
-    return isinstance(value, str) and ("{{" in value or "{%" in value)
-
-
 def _number(value: Any, where: str, *, allow_templates: bool) -> float | str:
     """A finite float; a numeric string (what a rendered template gives) is converted.
 
     With ``allow_templates`` a Jinja string is returned as is, to be checked after rendering.
     """
-    if allow_templates and _is_template(value):
+    if allow_templates and is_jinja_template(value):
         return str(value)
     if isinstance(value, str):
         try:
@@ -61,7 +59,9 @@ def _number(value: Any, where: str, *, allow_templates: bool) -> float | str:
     return float(value)
 
 
-def validate_thresholds(thresholds: Any, *, allow_templates: bool = False) -> dict[str, dict[str, Any]]:
+def validate_metric_thresholds(
+    thresholds: Any, *, allow_templates: bool = False
+) -> dict[str, dict[str, Any]]:
     """Check ``{"val_accuracy": {"min": 0.9}, "val_loss": {"max": 0.3}}`` and return it normalized.
 
     :param thresholds: metric -> ``{"min": x, "max": y}`` (either or both).
@@ -330,7 +330,7 @@ def _missing(metric: str, whose: str, available: Mapping[str, float], on_missing
     )
 
 
-def evaluate(
+def run_gate_checks(
     candidate: Mapping[str, float],
     *,
     thresholds: Mapping[str, Mapping[str, float]],

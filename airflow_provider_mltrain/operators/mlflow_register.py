@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 from airflow.exceptions import AirflowProviderDeprecationWarning
 from airflow.sdk import BaseOperator
 
+from airflow_provider_mltrain._templating import renders_later
 from airflow_provider_mltrain.hooks.mlflow import MLflowHook, MLflowRegistryError
 from airflow_provider_mltrain.links.mlflow import MLflowModelVersionLink
 from airflow_provider_mltrain.operators._mlflow_names import (
-    is_template,
     validate_alias,
     validate_model_name,
     validate_stage,
@@ -81,7 +81,7 @@ class MLflowRegisterOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not is_template(model_name):
+        if not renders_later(model_name):
             validate_model_name(model_name)
         if not run_id and not model_uri:
             raise ValueError(
@@ -89,7 +89,7 @@ class MLflowRegisterOperator(BaseOperator):
                 f"got run_id={run_id!r}, model_uri={model_uri!r}"
             )
         for param, value in (("run_id", run_id), ("model_uri", model_uri)):
-            if value is not None and not is_template(value) and not isinstance(value, str):
+            if value is not None and not renders_later(value) and not isinstance(value, str):
                 raise ValueError(f"{param} must be a string, got {type(value).__name__}: {value!r}")
         if not isinstance(artifact_path, str) or not artifact_path.strip("/ "):
             raise ValueError(
@@ -103,7 +103,7 @@ class MLflowRegisterOperator(BaseOperator):
         alias_list = [aliases] if isinstance(aliases, str) else list(aliases or [])
         for alias in alias_list:
             validate_alias(alias, "aliases")
-        if tags is not None and not is_template(tags):
+        if tags is not None and not renders_later(tags):
             if not isinstance(tags, dict):
                 raise ValueError(f"tags must be a dict of name -> value, got {type(tags).__name__}")
             for key in tags:

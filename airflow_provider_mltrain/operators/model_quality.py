@@ -9,22 +9,23 @@ from typing import TYPE_CHECKING, Any
 from airflow.exceptions import AirflowException
 from airflow.providers.standard.operators.branch import BaseBranchOperator
 
+from airflow_provider_mltrain._templating import renders_later
 from airflow_provider_mltrain.hooks.mlflow import MLflowHook
-from airflow_provider_mltrain.operators._mlflow_names import is_template, validate_alias, validate_model_name
+from airflow_provider_mltrain.operators._mlflow_names import validate_alias, validate_model_name
 from airflow_provider_mltrain.operators._quality_checks import (
     ON_MISSING_METRIC,
     ON_NO_CHAMPION,
     Check,
     Rescore,
-    evaluate,
     parse_metrics,
     parse_rescore,
     render_table,
+    run_gate_checks,
     validate_choice,
     validate_higher_is_better,
+    validate_metric_thresholds,
     validate_min_improvement,
     validate_task_ids,
-    validate_thresholds,
 )
 
 if TYPE_CHECKING:
@@ -127,22 +128,22 @@ class ModelQualityBranchOperator(BaseBranchOperator):
                 "set metrics (the candidate's metrics, e.g. train.output['metrics']), run_id (read them from "
                 "MLflow), or both (the run id then only identifies the candidate in the report)"
             )
-        if metrics is not None and not is_template(metrics):
+        if metrics is not None and not renders_later(metrics):
             parse_metrics(metrics)
         if (
             run_id is not None
-            and not is_template(run_id)
+            and not renders_later(run_id)
             and (not isinstance(run_id, str) or not run_id.strip())
         ):
             raise ValueError(f"run_id must be a non-empty MLflow run id, got {run_id!r}")
         self.metrics = metrics
         self.run_id = run_id
-        self.thresholds = validate_thresholds(thresholds, allow_templates=True)
+        self.thresholds = validate_metric_thresholds(thresholds, allow_templates=True)
         self.min_improvement = validate_min_improvement(min_improvement, allow_templates=True)
         self.higher_is_better = validate_higher_is_better(higher_is_better)
-        if champion_model is not None and not is_template(champion_model):
+        if champion_model is not None and not renders_later(champion_model):
             validate_model_name(champion_model, "champion_model")
-        if not is_template(champion_alias):
+        if not renders_later(champion_alias):
             validate_alias(champion_alias, "champion_alias")
         if self.min_improvement and champion_model is None:
             raise ValueError(
@@ -154,7 +155,7 @@ class ModelQualityBranchOperator(BaseBranchOperator):
                 "champion_metrics (the champion re-scored on the candidate's holdout) needs champion_model: "
                 "the registered model whose alias holder was scored"
             )
-        if champion_metrics is not None and not is_template(champion_metrics):
+        if champion_metrics is not None and not renders_later(champion_metrics):
             parse_rescore(champion_metrics)
         if not self.thresholds and champion_model is None:
             raise ValueError(
@@ -180,7 +181,7 @@ class ModelQualityBranchOperator(BaseBranchOperator):
 
     def choose_branch(self, context: Context) -> list[str]:
         """Evaluate the gates, log the table, push ``quality_report`` and return the branch."""
-        report = self.evaluate()
+        report = self.quality_report()
         self.log.info(
             "Quality gate %s -> %s\n%s",
             "PASSED" if report["passed"] else "FAILED",
@@ -190,7 +191,7 @@ class ModelQualityBranchOperator(BaseBranchOperator):
         context["ti"].xcom_push(key="quality_report", value=report)
         return list(report["branch"])
 
-    def evaluate(self) -> dict[str, Any]:
+    def quality_report(self) -> dict[str, Any]:
         """Run every check on the (rendered) parameters and build the quality report.
 
         :return: ``{passed, branch, checks, candidate, champion, like_for_like, table}``; ``checks`` holds
@@ -224,9 +225,9 @@ class ModelQualityBranchOperator(BaseBranchOperator):
         if champion is not None and like_for_like:
             rescore = _matching_rescore(rescore, champion)
             champion = {**champion, "rescored": rescore.as_dict()}
-        checks: list[Check] = evaluate(
+        checks: list[Check] = run_gate_checks(
             candidate,
-            thresholds=validate_thresholds(self.thresholds),
+            thresholds=validate_metric_thresholds(self.thresholds),
             champion=champion,
             compare_with_champion=self.champion_model is not None,
             min_improvement=validate_min_improvement(self.min_improvement),

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 from airflow.exceptions import AirflowException
 from airflow.sdk.bases.sensor import BaseSensorOperator, PokeReturnValue
 
+from airflow_provider_mltrain._templating import is_jinja_template
 from airflow_provider_mltrain.datasets.completeness import (
     Criteria,
     check_dataset_once,
     parse_modified_after,
-    validate_thresholds,
+    validate_completeness_thresholds,
 )
 from airflow_provider_mltrain.datasets.listing import DatasetError, TransientDatasetError
 from airflow_provider_mltrain.datasets.location import SUPPORTED_SCHEMES, parse_dataset_uri
@@ -40,10 +41,6 @@ DEFERRAL_GRACE_SECONDS = 60
 #: The shortest ``poke_interval`` accepted: below it a sensor lists its store in a near-busy loop (one S3
 #: LIST request per interval per sensor, each billed, or a spinning worker in poke mode).
 MIN_POKE_INTERVAL_SECONDS = 1.0
-
-
-def _is_templated(value: Any) -> bool:
-    return isinstance(value, str) and ("{{" in value or "{%" in value)
 
 
 class DatasetSensor(BaseSensorOperator):
@@ -96,17 +93,17 @@ class DatasetSensor(BaseSensorOperator):
                 f"poke_interval={kwargs.get('poke_interval', self.poke_interval)!r} is invalid: expected at least "
                 f"{MIN_POKE_INTERVAL_SECONDS:g} second(s) between checks (each check lists the dataset)."
             )
-        validate_thresholds(min_objects, min_total_bytes, success_marker)
-        if not _is_templated(uri):
+        validate_completeness_thresholds(min_objects, min_total_bytes, success_marker)
+        if not is_jinja_template(uri):
             parse_dataset_uri(uri)
         elif (
             "://" in uri
-            and not _is_templated(scheme := uri.split("://", 1)[0])
+            and not is_jinja_template(scheme := uri.split("://", 1)[0])
             and scheme.lower() not in SUPPORTED_SCHEMES
         ):
             # The scheme is known before rendering: reject gs://, hdfs://... at DAG parse time.
             parse_dataset_uri(uri)  # raises the "unsupported scheme" error
-        if not _is_templated(modified_after):
+        if not is_jinja_template(modified_after):
             parse_modified_after(modified_after)
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries={max_retries!r} is invalid: expected an integer >= 0.")

@@ -26,9 +26,9 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_mltrain.datasets.completeness import (
     Criteria,
-    evaluate,
+    apply_criteria,
     parse_modified_after,
-    validate_thresholds,
+    validate_completeness_thresholds,
 )
 from airflow_provider_mltrain.datasets.listing import DatasetError, TransientDatasetError
 from airflow_provider_mltrain.datasets.listing_coordinator import coordinator
@@ -98,7 +98,7 @@ class DatasetTrigger(BaseTrigger):
         self.retry_backoff = float(retry_backoff)
         # Validate here too: a trigger can be built by hand, and the triggerer should fail fast.
         self.location = parse_dataset_uri(uri)
-        validate_thresholds(min_objects, min_total_bytes, success_marker)
+        validate_completeness_thresholds(min_objects, min_total_bytes, success_marker)
         self.criteria = Criteria(
             min_objects, min_total_bytes, success_marker, parse_modified_after(modified_after)
         )
@@ -144,7 +144,7 @@ class DatasetTrigger(BaseTrigger):
         while True:
             try:
                 objects = await lister()
-                summary = evaluate(self.location, objects, self.criteria)
+                summary = apply_criteria(self.location, objects, self.criteria)
                 failures = 0
             except DatasetError as e:
                 return self._error(str(e), e)

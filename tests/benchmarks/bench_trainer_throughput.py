@@ -43,7 +43,7 @@ def plain_loop(args: argparse.Namespace, data: str) -> float:
     import torch.nn.functional as F
 
     from gpu_trainer.data import load_dataset
-    from gpu_trainer.metrics import evaluate
+    from gpu_trainer.metrics import score_split
     from gpu_trainer.models import build_model
 
     device = torch.device(args.device)
@@ -68,7 +68,7 @@ def plain_loop(args: argparse.Namespace, data: str) -> float:
             loss.backward()
             opt.step()
         model.eval()
-        evaluate(model, ds.val, num_classes=ds.num_classes, device=device, autocast_dtype=dtype)
+        score_split(model, ds.val, num_classes=ds.num_classes, device=device, autocast_dtype=dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return n * args.epochs / (time.perf_counter() - start)

@@ -50,7 +50,7 @@ def test_candidate_must_beat_the_champion_by_min_improvement(
         min_improvement={"val_accuracy": 0.005},
     )
 
-    report = op.evaluate()
+    report = op.quality_report()
 
     assert report["branch"] == branch
     assert report["champion"]["version"] == "1" and report["champion"]["metrics"] == CHAMPION_METRICS
@@ -73,7 +73,7 @@ def test_no_champion_follows_on_no_champion(on_no_champion, branch):
         on_no_champion=on_no_champion,
     )
 
-    report = op.evaluate()
+    report = op.quality_report()
 
     assert report["branch"] == branch
     assert report["champion"] is None
@@ -88,7 +88,7 @@ def test_loss_gate_exceeded_fails_even_when_the_champion_is_beaten(champion_mode
         min_improvement={"val_accuracy": 0.005},
     )
 
-    report = op.evaluate()
+    report = op.quality_report()
 
     assert report["passed"] is False and report["branch"] == ["notify", "cleanup"]
     verdicts = {(c["metric"], c["check"]): c["verdict"] for c in report["checks"]}
@@ -107,7 +107,7 @@ def test_lower_is_better_loss_compared_relatively(champion_model):
             champion_model=champion_model,
             min_improvement={"val_loss": 0.1},
             relative_improvement=True,
-        ).evaluate()
+        ).quality_report()
 
     assert report_for(0.2)["passed"] is True
     assert report_for(0.2)["checks"][0]["improvement"] == pytest.approx(0.2)
@@ -122,11 +122,11 @@ def test_missing_metric_is_a_clear_error_or_the_fail_branch(champion_model):
     }
 
     with pytest.raises(MissingMetricError) as err:
-        gate(**kwargs).evaluate()
+        gate(**kwargs).quality_report()
     assert "metric 'val_f1' is missing from the candidate's metrics" in str(err.value)
     assert "['train_loss', 'val_loss']" in str(err.value)
 
-    report = gate(on_missing_metric="fail_branch", **kwargs).evaluate()
+    report = gate(on_missing_metric="fail_branch", **kwargs).quality_report()
     assert report["branch"] == ["notify", "cleanup"]
     assert report["checks"][0]["check"] == "missing" and report["checks"][0]["verdict"] == "FAIL"
 
@@ -137,7 +137,7 @@ def test_metric_the_champion_lacks_names_the_champion(champion_model):
     with pytest.raises(
         MissingMetricError, match=r"'val_f1' is missing from the metrics of champion version 1"
     ):
-        op.evaluate()
+        op.quality_report()
 
 
 def test_candidate_metrics_read_from_its_mlflow_run(champion_model, mlflow_server, monkeypatch):
@@ -146,7 +146,7 @@ def test_candidate_metrics_read_from_its_mlflow_run(champion_model, mlflow_serve
         run_id=candidate["run_id"], champion_model=champion_model, min_improvement={"val_accuracy": 0.01}
     )
 
-    report = op.evaluate()
+    report = op.quality_report()
 
     assert report["passed"] is True
     assert report["candidate"] == {
@@ -179,7 +179,7 @@ def test_like_for_like_gate_compares_with_the_champion_rescored_on_the_candidate
         min_improvement={"val_accuracy": 0.005},
     )
 
-    report = op.evaluate()
+    report = op.quality_report()
 
     assert report["like_for_like"] is True and report["passed"] is False
     assert report["candidate"]["run_id"] == "candidate-run"
@@ -212,7 +212,7 @@ def test_like_for_like_gate_refuses_a_rescore_that_is_not_the_alias_holders(
     )
 
     with pytest.raises(AirflowException, match=message):
-        op.evaluate()
+        op.quality_report()
 
 
 def test_like_for_like_gate_without_a_champion_follows_on_no_champion():
@@ -223,7 +223,7 @@ def test_like_for_like_gate_without_a_champion_follows_on_no_champion():
         min_improvement={"val_accuracy": 0.005},
     )
 
-    report = op.evaluate()
+    report = op.quality_report()
 
     assert report["branch"] == ["register"] and report["champion"] is None
     assert report["like_for_like"] is True

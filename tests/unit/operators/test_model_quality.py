@@ -7,11 +7,11 @@ import pytest
 from airflow_provider_mltrain.operators._quality_checks import (
     MissingMetricError,
     Rescore,
-    evaluate,
     higher_is_better_for,
     parse_metrics,
     parse_rescore,
     render_table,
+    run_gate_checks,
 )
 from airflow_provider_mltrain.operators.model_quality import ModelQualityBranchOperator
 
@@ -90,12 +90,12 @@ def test_templates_are_accepted_at_parse_time_and_checked_after_rendering():
     op.thresholds = {"val_accuracy": {"min": "0.9", "max": 1.0}}
     op.champion_model = None
     op.min_improvement = {}
-    assert op.evaluate()["branch"] == ["ok"]
+    assert op.quality_report()["branch"] == ["ok"]
     op.thresholds = {"val_accuracy": {"min": "None", "max": 1.0}}
     with pytest.raises(
         ValueError, match=r"thresholds\['val_accuracy'\]\['min'\] must be a finite number, got 'None'"
     ):
-        op.evaluate()
+        op.quality_report()
 
 
 @pytest.mark.parametrize(
@@ -140,7 +140,7 @@ def gate(candidate, **kwargs):
         "compare_with_champion": True,
         "min_improvement": {"val_accuracy": 0.005},
     }
-    return evaluate(candidate, **{**defaults, **kwargs})
+    return run_gate_checks(candidate, **{**defaults, **kwargs})
 
 
 @pytest.mark.parametrize(("value", "passed"), [(0.93, True), (0.925, True), (0.921, False), (0.92, False)])

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 from airflow.triggers.base import TriggerEvent
 
-from airflow_provider_mltrain.datasets.completeness import parse_modified_after, validate_thresholds
+from airflow_provider_mltrain.datasets.completeness import (
+    parse_modified_after,
+    validate_completeness_thresholds,
+)
 from airflow_provider_mltrain.datasets.location import parse_dataset_uri
 from airflow_provider_mltrain.triggers.dataset import DatasetTrigger
 
@@ -105,10 +108,10 @@ def test_glob_semantics():
         ({"min_objects": 0}, "inconsistent"),
     ],
 )
-def test_validate_thresholds(kwargs, message):
+def test_validate_completeness_thresholds(kwargs, message):
     args = {"min_objects": 1, "min_total_bytes": 0, "success_marker": None, **kwargs}
     with pytest.raises(ValueError, match="invalid|inconsistent") as err:
-        validate_thresholds(**args)
+        validate_completeness_thresholds(**args)
     assert message in str(err.value)
 
 

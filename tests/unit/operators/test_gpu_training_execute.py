@@ -285,3 +285,21 @@ def test_mlflow_link_never_fails_the_task(mocker, airflow_conn):
     assert op.execute(context) == RESULT
     # An empty link (not an error when Airflow resolves the task's links), never a broken URL.
     assert pushed(context)["mlflow_run_url"] == ""
+
+
+def test_one_mlflow_connection_lookup_per_execution(mocker, airflow_conn, mode):
+    from airflow_provider_mltrain.hooks.mlflow import MLflowHook, connection_json
+
+    # The pod's tracking URI, the credentials warning and the run link all need the connection.
+    airflow_conn("mlflow_once", connection_json("http://127.0.0.1:9", ui_url="http://127.0.0.1:9"))
+    op = deferrable_op(mode, mlflow_conn_id="mlflow_once")
+    assert "mlflow_hook" not in vars(op)  # nothing is built at DAG parse
+    real_lookup = MLflowHook.get_connection
+    lookups = mocker.patch.object(MLflowHook, "get_connection", side_effect=real_lookup)
+    result = {**RESULT, "experiment_id": "7"}  # the link needs no request to MLflow
+    FakeCluster(op, mocker, final=status_pod(), xcom=json.dumps(result))
+    context = make_context()
+
+    assert run(op, context, mode)["run_id"] == "abc123"
+    assert pushed(context)["mlflow_run_url"] == "http://127.0.0.1:9/#/experiments/7/runs/abc123"
+    assert lookups.call_count == 1

@@ -9,7 +9,7 @@ satisfy would sit there for the whole timeout. This watch reads the pod's ``PodS
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from airflow.providers.cncf.kubernetes.utils.pod_manager import PodPhase
 
@@ -20,10 +20,14 @@ from airflow_provider_mltrain.operators._triage import (
     unschedulable_message,
 )
 
+if TYPE_CHECKING:
+    from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager
+    from kubernetes.client import models as k8s
+
 
 def await_scheduling(
-    pod_manager: Any,
-    pod: Any,
+    pod_manager: PodManager,
+    pod: k8s.V1Pod,
     *,
     unschedulable_timeout_s: float,
     schedule_timeout_s: float,
@@ -76,7 +80,7 @@ def await_scheduling(
         time.sleep(poll_interval_s)
 
 
-def is_scaling_up(pod_manager: Any, pod: Any) -> bool:
+def is_scaling_up(pod_manager: PodManager, pod: k8s.V1Pod) -> bool:
     """Whether the cluster autoscaler is adding a node for this pod (then waiting is right)."""
     try:
         events = pod_manager.read_pod_events(pod).items or []
@@ -85,7 +89,7 @@ def is_scaling_up(pod_manager: Any, pod: Any) -> bool:
     return any(getattr(e, "reason", None) == "TriggeredScaleUp" for e in events)
 
 
-def is_scheduled(remote: Any) -> bool:
+def is_scheduled(remote: k8s.V1Pod) -> bool:
     """Whether the pod is bound to a node (or past Pending, or gone)."""
     status = remote.status
     if status is None or status.phase not in (PodPhase.PENDING, "Unknown"):

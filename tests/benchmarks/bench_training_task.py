@@ -6,6 +6,9 @@ One ``GPUTrainingPodOperator`` task (local launcher, a real ``mlflow server`` on
 under ``dag.test()``; the script stamps the task's phases and prints them, then runs the same trainer
 command as a plain subprocess (the baseline: what the task cannot be faster than) and prints the ratio.
 
+Before/after a change: run the script from a ``git worktree`` of the older commit with ``PYTHONPATH``
+set to that worktree (so its trainer runs), then from this checkout, back to back on the same machine.
+
 Phases of the task: before launch (pod build, connection lookups), process start to the trainer's first
 line (interpreter start and imports), first line to ``done:`` (data, tracking, training, model logging),
 ``done:`` to the trainer's exit, and exit to the end of ``execute`` (result handling, run link).

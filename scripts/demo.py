@@ -78,6 +78,14 @@ def print_summary(title: str, summary: dict[str, Any]) -> None:
     report = summary.get("quality_report") or {}
     verdict = "PASSED" if report.get("passed") else "FAILED"
     print(f"quality gate    {verdict} -> {', '.join(report.get('branch', []))}")
+    champion = report.get("champion")
+    recorded = (champion or {}).get("metrics", {}).get("val_accuracy")
+    rescored = ((champion or {}).get("rescored") or {}).get("metrics", {}).get("val_accuracy")
+    if champion and recorded is not None and rescored is not None:
+        print(
+            f"champion        v{champion['version']} val_accuracy recorded {recorded:.4f}, "
+            f"on this run's holdout {rescored:.4f}"
+        )
     print("\n".join("                " + line for line in str(report.get("table", "")).splitlines()))
     registered = summary.get("registered")
     if registered:

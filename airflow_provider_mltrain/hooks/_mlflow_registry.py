@@ -64,11 +64,10 @@ def filter_literal(value: str) -> str:
 
 
 class MLflowRegistry:
-    """Registry operations on one MLflow connection; :class:`~airflow_provider_mltrain.hooks.mlflow.MLflowHook`
-    builds it from its connection and owns it (``hook.registry``).
+    """Registry operations on one MLflow connection, built and owned by its hook (``MLflowHook.registry``).
 
     It is given what it needs rather than the hook itself, so this module does not import the hook's
-    (which imports this one for its registry).
+    module (which imports this one).
 
     :param client: the connection's ``MlflowClient`` (from ``MLflowHook.get_conn``); one client serves
         every registry step of a task, and it holds no state that could go stale within one.

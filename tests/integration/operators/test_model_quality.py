@@ -37,6 +37,28 @@ def gate(**kwargs) -> ModelQualityBranchOperator:
     return ModelQualityBranchOperator(task_id="gate", **kwargs)
 
 
+def test_one_hook_and_one_connection_look_up_per_gate(champion_model, mlflow_server, monkeypatch):
+    looked_up: list[str] = []
+    real_get_connection = MLflowHook.get_connection
+
+    def counting_get_connection(conn_id):
+        looked_up.append(conn_id)
+        return real_get_connection(conn_id)
+
+    monkeypatch.setattr(MLflowHook, "get_connection", staticmethod(counting_get_connection))
+    # Candidate metrics read from MLflow and the champion's: two registry reads on the same hook.
+    candidate = log_tiny_model(monkeypatch, mlflow_server.uri, {"val_accuracy": 0.95})
+    op = gate(
+        run_id=candidate["run_id"], champion_model=champion_model, thresholds={"val_accuracy": {"min": 0.9}}
+    )
+
+    report = op.quality_report()
+
+    assert report["candidate"]["metrics"]["val_accuracy"] == 0.95 and report["champion"]["version"] == "1"
+    assert looked_up == ["mlflow_default"]
+    assert op.hook is op.hook
+
+
 @pytest.mark.parametrize(
     ("candidate_accuracy", "branch", "verdict"),
     [(0.93, ["register"], "PASS"), (0.921, ["notify", "cleanup"], "FAIL")],

@@ -447,7 +447,7 @@ def run_gate_checks(
 def render_table(checks: list[Check]) -> str:
     """A fixed-width table of the checks for the task log.
 
-    :param checks: from :func:`evaluate`.
+    :param checks: from :func:`run_gate_checks`.
     """
     header = ("metric", "check", "candidate", "threshold/champion", "required", "verdict")
     rows = [header]

@@ -2,7 +2,8 @@
 
 The loop follows nanoGPT's shape: a typed config, the model in its own module, a checkpoint dict that
 holds everything needed to resume exactly, only rank 0 logging and saving, autocast and
-``zero_grad(set_to_none=True)``. See :mod:`gpu_trainer.config` for the options.
+``zero_grad(set_to_none=True)``. :func:`_train` reads as nanoGPT's does: prepare and restore, the epoch
+loop, finalize. See :mod:`gpu_trainer.config` for the options.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,11 @@ from gpu_trainer import checkpoint, contract, runtime
 from gpu_trainer.config import TrainConfig, resolve_config
 from gpu_trainer.data import Dataset, Split, epoch_indices, iterate_batches, load_dataset, pin
 from gpu_trainer.errors import TrainerError, run_cli
-from gpu_trainer.metrics import Evaluation, score_split
+from gpu_trainer.metrics import Evaluation, evaluate
 from gpu_trainer.models import build_model
+
+if TYPE_CHECKING:
+    from gpu_trainer.tracking import Tracker
 
 log = logging.getLogger("gpu_trainer")
 
@@ -99,9 +103,93 @@ def train(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> TrainOu
             torch.distributed.destroy_process_group()
 
 
+@dataclasses.dataclass
+class _Job:
+    """What stays fixed while the epochs run: the configuration, where it runs, the data, the model and
+    the helpers around it (built by :func:`_prepare`).
+
+    :param core: the bare model; checkpoints, validation and the logged model use it.
+    :param model: ``core`` as the training step calls it (wrapped in DDP and/or ``torch.compile``).
+    :param record: the configuration a checkpoint must match to be resumed (:func:`_config_record`).
+    :param tracker: MLflow tracking; rank 0 only (None elsewhere).
+    :param writer: the background checkpoint writer; rank 0 with a checkpoint directory only.
+    """
+
+    cfg: TrainConfig
+    info: runtime.DistInfo
+    device: torch.device
+    precision: str
+    amp_dtype: torch.dtype | None
+    dataset: Dataset
+    record: dict[str, Any]
+    core: torch.nn.Module
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_split: Split
+    val_split: Split
+    batches_per_epoch: int
+    tracker: Tracker | None
+    writer: checkpoint.CheckpointWriter | None
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Where training stands: restored from a checkpoint, advanced by each epoch, saved in checkpoints.
+
+    :param epoch: epochs completed when restored (where the epoch loop starts).
+    :param skip_batches: steps of that epoch already trained (a mid-epoch checkpoint); 0 once it ran.
+    :param partial: the interrupted epoch's running loss sum and sample count.
+    :param resumed_from: the epoch the run resumed from, None for a fresh run.
+    :param resumed_state: the checkpoint resumed from; its RNG state continues an interrupted epoch.
+    :param pending_metrics: metric rows an earlier try could not deliver (tracking was down).
+    :param last_eval: rank 0's latest validation in this process (None until an epoch ran here).
+    :param samples_trained: training samples processed in this process, all ranks together.
+    :param epoch_times: wall time of each epoch run here (for the ETA).
+    """
+
+    epoch: int = 0
+    skip_batches: int = 0
+    global_step: int = 0
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    partial: dict[str, Any] = dataclasses.field(default_factory=lambda: {"loss_sum": 0.0, "count": 0})
+    run_id: str | None = None
+    resumed_from: int | None = None
+    resumed_state: dict[str, Any] | None = None
+    pending_metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    last_eval: Evaluation | None = None
+    samples_trained: int = 0
+    epoch_times: list[float] = dataclasses.field(default_factory=list)
+
+
 def _train(
     cfg: TrainConfig, env: Mapping[str, str], info: runtime.DistInfo, device: torch.device
 ) -> TrainOutcome:
+    """Prepare (data, model, restore, tracking), then the epoch loop, then finalize."""
+    job, progress = _prepare(cfg, env, info, device)
+    loop_start = time.perf_counter()
+    try:
+        for epoch in range(progress.epoch, cfg.epochs):
+            _run_epoch(job, progress, epoch)
+        if job.writer is not None:
+            job.writer.wait()  # the last checkpoint is on disk before the run counts as trained
+        loop_seconds = time.perf_counter() - loop_start
+        return _finalize(job, progress, loop_seconds)
+    except BaseException:
+        if job.writer is not None:
+            # Let a checkpoint in flight land: the retry resumes from it. Its own error would only
+            # hide the one being raised.
+            with contextlib.suppress(Exception):
+                job.writer.wait()
+        if job.tracker is not None:
+            job.tracker.end_quietly(status="FAILED")
+        raise
+
+
+def _prepare(
+    cfg: TrainConfig, env: Mapping[str, str], info: runtime.DistInfo, device: torch.device
+) -> tuple[_Job, _Progress]:
+    """Load the data, build the model and optimizer, restore the latest checkpoint, start tracking."""
     lineage = contract.parse_lineage(env.get(contract.ENV_LINEAGE))
     precision = runtime.resolve_precision(cfg.precision, device)
     amp_dtype = runtime.autocast_dtype(precision)
@@ -131,41 +219,7 @@ def _train(
     optimizer = _make_optimizer(cfg, core.parameters(), device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
-    start_epoch, skip_batches, global_step = 0, 0, 0
-    history: list[dict[str, float]] = []
-    partial = {"loss_sum": 0.0, "count": 0}
-    run_id: str | None = None
-    resumed_from: int | None = None
-    resumed_state: dict[str, Any] | None = None
-    pending_metrics: list[dict[str, Any]] = []
-    if cfg.checkpoint_dir:
-        found = checkpoint.load_latest(cfg.checkpoint_dir)
-        if found is not None:
-            path, state = found
-            checkpoint.check_compatible(state["config"], record, path=path)
-            try:
-                core.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scaler.load_state_dict(state["scaler"])
-            except (RuntimeError, KeyError, ValueError) as err:
-                raise TrainerError(f"checkpoint {path} does not fit this model: {err}") from err
-            start_epoch = int(state["epoch"])
-            skip_batches = int(state["step_in_epoch"])
-            global_step = int(state["global_step"])
-            history = list(state["history"])
-            partial = dict(state["partial"])
-            run_id = state["run_id"]
-            # Metric rows the previous try could not deliver (tracking was down): sent first this time.
-            pending_metrics = list(state.get("pending_metrics", []))
-            resumed_from = start_epoch
-            resumed_state = state
-            log.info(
-                "resuming from %s: epoch %d done, step %d of the next (global step %d)",
-                path,
-                start_epoch,
-                skip_batches,
-                global_step,
-            )
+    progress = _restore(cfg, record, core, optimizer, scaler)
 
     model: Any = core
     if info.distributed:
@@ -177,22 +231,7 @@ def _train(
 
     tracker = None
     if info.is_main:
-        from gpu_trainer.tracking import Tracker, tracking_retry_seconds
-
-        tracker = Tracker(
-            experiment=cfg.experiment,
-            run_name=cfg.run_name,
-            resume_run_id=run_id,
-            lineage=lineage,
-            pending_metrics=pending_metrics,
-            retry_seconds=tracking_retry_seconds(env),
-        )
-        run_id = tracker.run_id
-        tracker.log_params(
-            {**cfg.params(), "precision": precision, "device": device.type, "world_size": info.world_size}
-        )
-        if resumed_from is not None:
-            tracker.set_tag("mltrain.resumed_from_epoch", str(resumed_from))
+        tracker = _start_tracking(cfg, env, info, device, precision, lineage, progress)
 
     train_split = _place(dataset.train, device)
     val_split = _place(dataset.val, device)
@@ -221,197 +260,308 @@ def _train(
                 "checkpoint saved: %s (epoch %d, step %d)", path, state["epoch"], state["global_step"]
             ),
         )
+    job = _Job(
+        cfg=cfg,
+        info=info,
+        device=device,
+        precision=precision,
+        amp_dtype=amp_dtype,
+        dataset=dataset,
+        record=record,
+        core=core,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        train_split=train_split,
+        val_split=val_split,
+        batches_per_epoch=batches_per_epoch,
+        tracker=tracker,
+        writer=writer,
+    )
+    return job, progress
 
-    def save(epoch: int, step_in_epoch: int, loss_sum: float, count: int) -> None:
-        if writer is None:
-            return
-        state = {
-            "model": core.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": global_step,
-            "rng": runtime.rng_state(),
-            "history": history,
-            "partial": {"loss_sum": loss_sum, "count": count},
-            "config": record,
-            "run_id": run_id,
-            "pending_metrics": tracker.pending_metrics() if tracker is not None else [],
-        }
-        writer.submit(state, global_step=global_step)
 
-    last_eval: Evaluation | None = None
-    loop_start = time.perf_counter()
-    samples_trained = 0
-    epoch_times: list[float] = []
+def _restore(
+    cfg: TrainConfig,
+    record: dict[str, Any],
+    core: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> _Progress:
+    """Load the latest checkpoint of ``cfg.checkpoint_dir`` into the model, optimizer and scaler.
+
+    :returns: the progress it recorded; a fresh start when there is none.
+    :raises TrainerError: when the checkpoint was written by another configuration or model.
+    """
+    found = checkpoint.load_latest(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if found is None:
+        return _Progress()
+    path, state = found
+    checkpoint.check_compatible(state["config"], record, path=path)
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            epoch_start = time.perf_counter()
-            if skip_batches and resumed_state is not None:
-                runtime.set_rng_state(resumed_state["rng"])
-            else:
-                runtime.seed_everything(runtime.epoch_seed(cfg.seed, epoch, info.rank))
-            indices = epoch_indices(
-                len(train_split),
-                epoch=epoch,
-                seed=cfg.seed,
-                rank=info.rank,
-                world_size=info.world_size,
-                shuffle=True,
-            ).to(train_split.labels.device)
-            model.train()
-            # Accumulate on the device: a .item() per step would synchronise CUDA every step.
-            loss_sum = torch.tensor(
-                partial["loss_sum"] if skip_batches else 0.0, device=device, dtype=torch.float64
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise TrainerError(f"checkpoint {path} does not fit this model: {err}") from err
+    progress = _Progress(
+        epoch=int(state["epoch"]),
+        skip_batches=int(state["step_in_epoch"]),
+        global_step=int(state["global_step"]),
+        history=list(state["history"]),
+        partial=dict(state["partial"]),
+        run_id=state["run_id"],
+        # Metric rows the previous try could not deliver (tracking was down): sent first this time.
+        pending_metrics=list(state.get("pending_metrics", [])),
+        resumed_state=state,
+    )
+    progress.resumed_from = progress.epoch
+    log.info(
+        "resuming from %s: epoch %d done, step %d of the next (global step %d)",
+        path,
+        progress.epoch,
+        progress.skip_batches,
+        progress.global_step,
+    )
+    return progress
+
+
+def _start_tracking(
+    cfg: TrainConfig,
+    env: Mapping[str, str],
+    info: runtime.DistInfo,
+    device: torch.device,
+    precision: str,
+    lineage: dict[str, Any],
+    progress: _Progress,
+) -> Tracker:
+    """Open (or, resuming, reopen) the MLflow run on rank 0 and log the parameters."""
+    from gpu_trainer.tracking import Tracker, tracking_retry_seconds
+
+    tracker = Tracker(
+        experiment=cfg.experiment,
+        run_name=cfg.run_name,
+        resume_run_id=progress.run_id,
+        lineage=lineage,
+        pending_metrics=progress.pending_metrics,
+        retry_seconds=tracking_retry_seconds(env),
+    )
+    progress.run_id = tracker.run_id
+    tracker.log_params(
+        {**cfg.params(), "precision": precision, "device": device.type, "world_size": info.world_size}
+    )
+    if progress.resumed_from is not None:
+        tracker.set_tag("mltrain.resumed_from_epoch", str(progress.resumed_from))
+    return tracker
+
+
+def _save_checkpoint(
+    job: _Job, progress: _Progress, epoch: int, step_in_epoch: int, loss_sum: float, count: int
+) -> None:
+    """Hand the full training state to the background writer (rank 0 with a checkpoint directory)."""
+    if job.writer is None:
+        return
+    state = {
+        "model": job.core.state_dict(),
+        "optimizer": job.optimizer.state_dict(),
+        "scaler": job.scaler.state_dict(),
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "global_step": progress.global_step,
+        "rng": runtime.rng_state(),
+        "history": progress.history,
+        "partial": {"loss_sum": loss_sum, "count": count},
+        "config": job.record,
+        "run_id": progress.run_id,
+        "pending_metrics": job.tracker.pending_metrics() if job.tracker is not None else [],
+    }
+    job.writer.submit(state, global_step=progress.global_step)
+
+
+def _run_epoch(job: _Job, progress: _Progress, epoch: int) -> None:
+    """Train one epoch on every rank; then rank 0 validates, logs the metrics and checkpoints."""
+    epoch_start = time.perf_counter()
+    train_loss, trained_now = _train_epoch(job, progress, epoch, epoch_start)
+    train_seconds = time.perf_counter() - epoch_start
+    samples_per_s = trained_now * job.info.world_size / max(train_seconds, 1e-9)
+    progress.samples_trained += trained_now * job.info.world_size
+    if job.info.is_main:
+        _end_epoch(job, progress, epoch, train_loss, samples_per_s, epoch_start)
+
+
+def _train_epoch(job: _Job, progress: _Progress, epoch: int, epoch_start: float) -> tuple[float, int]:
+    """The training steps of one epoch (continuing an interrupted one after a mid-epoch checkpoint).
+
+    :returns: the mean training loss over all ranks, and the samples this rank trained now.
+    :raises TrainerError: when the loss is not finite (divergence).
+    """
+    cfg, info, device, amp_dtype = job.cfg, job.info, job.device, job.amp_dtype
+    model, optimizer, scaler, train_split = job.model, job.optimizer, job.scaler, job.train_split
+    batches_per_epoch = job.batches_per_epoch
+    skip_batches = progress.skip_batches
+    if skip_batches and progress.resumed_state is not None:
+        runtime.set_rng_state(progress.resumed_state["rng"])
+    else:
+        runtime.seed_everything(runtime.epoch_seed(cfg.seed, epoch, info.rank))
+    indices = epoch_indices(
+        len(train_split),
+        epoch=epoch,
+        seed=cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        shuffle=True,
+    ).to(train_split.labels.device)
+    model.train()
+    # Accumulate on the device: a .item() per step would synchronise CUDA every step.
+    loss_sum = torch.tensor(
+        progress.partial["loss_sum"] if skip_batches else 0.0, device=device, dtype=torch.float64
+    )
+    count = int(progress.partial["count"]) if skip_batches else 0
+    step_in_epoch = skip_batches
+    trained_now = 0
+    for x, y in iterate_batches(
+        train_split,
+        indices,
+        cfg.batch_size,
+        skip_batches=skip_batches,
+        # Device-resident data is sliced on the GPU; worker processes cannot hold CUDA tensors.
+        num_workers=cfg.num_workers if train_split.features.device.type == "cpu" else 0,
+        pin_memory=device.type == "cuda",
+    ):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:  # the scaler is off: its three no-op calls per step still cost launch-bound models time
+            loss.backward()
+            optimizer.step()
+        batch = int(y.shape[0])
+        loss_sum.add_(loss.detach(), alpha=batch)  # one kernel, no host sync
+        count += batch
+        trained_now += batch
+        step_in_epoch += 1
+        progress.global_step += 1
+        if cfg.log_every_steps and progress.global_step % cfg.log_every_steps == 0:
+            elapsed = time.perf_counter() - epoch_start
+            steps_left = (batches_per_epoch - step_in_epoch) + (cfg.epochs - epoch - 1) * batches_per_epoch
+            log.info(
+                "epoch %d/%d step %d/%d loss %.4f samples/s %.0f eta %s",
+                epoch + 1,
+                cfg.epochs,
+                step_in_epoch,
+                batches_per_epoch,
+                loss.item(),
+                trained_now * info.world_size / max(elapsed, 1e-9),
+                _fmt_eta(elapsed / max(step_in_epoch - skip_batches, 1) * steps_left),
             )
-            count = int(partial["count"]) if skip_batches else 0
-            step_in_epoch = skip_batches
-            trained_now = 0
-            for x, y in iterate_batches(
-                train_split,
-                indices,
-                cfg.batch_size,
-                skip_batches=skip_batches,
-                # Device-resident data is sliced on the GPU; worker processes cannot hold CUDA tensors.
-                num_workers=cfg.num_workers if train_split.features.device.type == "cpu" else 0,
-                pin_memory=device.type == "cuda",
-            ):
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                with torch.autocast(
-                    device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-                ):
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler.is_enabled():
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:  # the scaler is off: its three no-op calls per step still cost launch-bound models time
-                    loss.backward()
-                    optimizer.step()
-                batch = int(y.shape[0])
-                loss_sum.add_(loss.detach(), alpha=batch)  # one kernel, no host sync
-                count += batch
-                trained_now += batch
-                step_in_epoch += 1
-                global_step += 1
-                if cfg.log_every_steps and global_step % cfg.log_every_steps == 0:
-                    elapsed = time.perf_counter() - epoch_start
-                    steps_left = (batches_per_epoch - step_in_epoch) + (
-                        cfg.epochs - epoch - 1
-                    ) * batches_per_epoch
-                    log.info(
-                        "epoch %d/%d step %d/%d loss %.4f samples/s %.0f eta %s",
-                        epoch + 1,
-                        cfg.epochs,
-                        step_in_epoch,
-                        batches_per_epoch,
-                        loss.item(),
-                        trained_now * info.world_size / max(elapsed, 1e-9),
-                        _fmt_eta(elapsed / max(step_in_epoch - skip_batches, 1) * steps_left),
-                    )
-                # Epoch ends checkpoint below, after validation; here only mid-epoch positions.
-                at_interval = cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0
-                if at_interval and step_in_epoch < batches_per_epoch:
-                    save(epoch, step_in_epoch, float(loss_sum.item()), count)
-            skip_batches = 0
-            totals = torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
-            if info.distributed:
-                torch.distributed.all_reduce(totals)
-            train_loss = float(totals[0].item() / max(totals[1].item(), 1.0))
-            if not math.isfinite(train_loss):
-                raise TrainerError(
-                    f"training diverged: train_loss is {train_loss} in epoch {epoch + 1}; lower --lr or use fp32"
-                )
-            train_seconds = time.perf_counter() - epoch_start
-            samples_per_s = trained_now * info.world_size / max(train_seconds, 1e-9)
-            samples_trained += trained_now * info.world_size
-
-            if info.is_main:
-                core.eval()
-                last_eval = score_split(
-                    core,
-                    val_split,
-                    num_classes=dataset.num_classes,
-                    device=device,
-                    batch_size=max(cfg.batch_size, 1024),
-                    autocast_dtype=amp_dtype,
-                )
-                row = {
-                    "epoch": float(epoch + 1),
-                    "train_loss": train_loss,
-                    **last_eval.as_metrics(),
-                    "samples_per_s": samples_per_s,
-                }
-                history.append(row)
-                assert tracker is not None
-                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-                save(epoch + 1, 0, 0.0, 0)
-                epoch_times.append(time.perf_counter() - epoch_start)
-                remaining = (cfg.epochs - epoch - 1) * (sum(epoch_times) / len(epoch_times))
-                log.info(
-                    "epoch %d/%d train_loss %.4f val_loss %.4f val_accuracy %.4f val_f1 %.4f samples/s %.0f eta %s",
-                    epoch + 1,
-                    cfg.epochs,
-                    train_loss,
-                    last_eval.loss,
-                    last_eval.accuracy,
-                    last_eval.f1,
-                    samples_per_s,
-                    _fmt_eta(remaining),
-                )
-        if writer is not None:
-            writer.wait()  # the last checkpoint is on disk before the run counts as trained
-        loop_seconds = time.perf_counter() - loop_start
-
-        if not info.is_main:
-            if info.distributed:
-                # Wait for rank 0 to finish logging before the group goes away.
-                torch.distributed.barrier()
-            return TrainOutcome(result=None, loop_seconds=loop_seconds, samples_trained=samples_trained)
-
-        assert tracker is not None
-        core.eval()
-        if last_eval is None:
-            # Resumed after the last epoch had finished (e.g. killed while logging the model).
-            last_eval = score_split(
-                core, val_split, num_classes=dataset.num_classes, device=device, autocast_dtype=amp_dtype
-            )
-        if not history:
-            raise TrainerError("no epoch was trained (check --epochs)")
-        final = dict(history[-1])
-        final.pop("epoch")
-        # Buffered metrics first: if tracking is still down, fail now with the work kept in the checkpoint.
-        tracker.require_delivered(kept_in=cfg.checkpoint_dir, final_metrics=final)
-        tracker.log_figures(history, last_eval.confusion)
-        example = dataset.val.features[: min(5, len(dataset.val))]
-        model_uri = tracker.log_model(core, example)
-        result = contract.make_result(
-            run_id=run_id,
-            model_uri=model_uri,
-            metrics=final,
-            params={**cfg.params(), "precision": precision, "world_size": info.world_size},
-            resumed_from_epoch=resumed_from,
-            experiment_id=tracker.experiment_id,
+        # Epoch ends checkpoint in _end_epoch, after validation; here only mid-epoch positions.
+        at_interval = cfg.checkpoint_every_steps and progress.global_step % cfg.checkpoint_every_steps == 0
+        if at_interval and step_in_epoch < batches_per_epoch:
+            _save_checkpoint(job, progress, epoch, step_in_epoch, float(loss_sum.item()), count)
+    progress.skip_batches = 0
+    totals = torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
+    if info.distributed:
+        torch.distributed.all_reduce(totals)
+    train_loss = float(totals[0].item() / max(totals[1].item(), 1.0))
+    if not math.isfinite(train_loss):
+        raise TrainerError(
+            f"training diverged: train_loss is {train_loss} in epoch {epoch + 1}; lower --lr or use fp32"
         )
-        contract.write_result(cfg.output, result)
-        tracker.end()
-        log.info("done: run %s, model %s, result %s", run_id, model_uri, cfg.output)
+    return train_loss, trained_now
+
+
+def _end_epoch(
+    job: _Job, progress: _Progress, epoch: int, train_loss: float, samples_per_s: float, epoch_start: float
+) -> None:
+    """Rank 0 after an epoch: validate, log the metrics, checkpoint the epoch's end, print the summary."""
+    cfg = job.cfg
+    job.core.eval()
+    last_eval = evaluate(
+        job.core,
+        job.val_split,
+        num_classes=job.dataset.num_classes,
+        device=job.device,
+        batch_size=max(cfg.batch_size, 1024),
+        autocast_dtype=job.amp_dtype,
+    )
+    progress.last_eval = last_eval
+    row = {
+        "epoch": float(epoch + 1),
+        "train_loss": train_loss,
+        **last_eval.as_metrics(),
+        "samples_per_s": samples_per_s,
+    }
+    progress.history.append(row)
+    assert job.tracker is not None
+    job.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+    _save_checkpoint(job, progress, epoch + 1, 0, 0.0, 0)
+    progress.epoch_times.append(time.perf_counter() - epoch_start)
+    remaining = (cfg.epochs - epoch - 1) * (sum(progress.epoch_times) / len(progress.epoch_times))
+    log.info(
+        "epoch %d/%d train_loss %.4f val_loss %.4f val_accuracy %.4f val_f1 %.4f samples/s %.0f eta %s",
+        epoch + 1,
+        cfg.epochs,
+        train_loss,
+        last_eval.loss,
+        last_eval.accuracy,
+        last_eval.f1,
+        samples_per_s,
+        _fmt_eta(remaining),
+    )
+
+
+def _finalize(job: _Job, progress: _Progress, loop_seconds: float) -> TrainOutcome:
+    """After the last epoch: rank 0 delivers the metrics, logs the model and writes the result JSON;
+    the other ranks wait for it."""
+    cfg, info = job.cfg, job.info
+    if not info.is_main:
         if info.distributed:
+            # Wait for rank 0 to finish logging before the group goes away.
             torch.distributed.barrier()
-        return TrainOutcome(result=result, loop_seconds=loop_seconds, samples_trained=samples_trained)
-    except BaseException:
-        if writer is not None:
-            # Let a checkpoint in flight land: the retry resumes from it. Its own error would only
-            # hide the one being raised.
-            with contextlib.suppress(Exception):
-                writer.wait()
-        if tracker is not None:
-            tracker.end_quietly(status="FAILED")
-        raise
+        return TrainOutcome(result=None, loop_seconds=loop_seconds, samples_trained=progress.samples_trained)
+
+    tracker = job.tracker
+    assert tracker is not None
+    job.core.eval()
+    last_eval = progress.last_eval
+    if last_eval is None:
+        # Resumed after the last epoch had finished (e.g. killed while logging the model).
+        last_eval = evaluate(
+            job.core,
+            job.val_split,
+            num_classes=job.dataset.num_classes,
+            device=job.device,
+            autocast_dtype=job.amp_dtype,
+        )
+    if not progress.history:
+        raise TrainerError("no epoch was trained (check --epochs)")
+    final = dict(progress.history[-1])
+    final.pop("epoch")
+    # Buffered metrics first: if tracking is still down, fail now with the work kept in the checkpoint.
+    tracker.require_delivered(kept_in=cfg.checkpoint_dir, final_metrics=final)
+    tracker.log_figures(progress.history, last_eval.confusion)
+    example = job.dataset.val.features[: min(5, len(job.dataset.val))]
+    model_uri = tracker.log_model(job.core, example)
+    result = contract.make_result(
+        run_id=progress.run_id,
+        model_uri=model_uri,
+        metrics=final,
+        params={**cfg.params(), "precision": job.precision, "world_size": info.world_size},
+        resumed_from_epoch=progress.resumed_from,
+        experiment_id=tracker.experiment_id,
+    )
+    contract.write_result(cfg.output, result)
+    tracker.end()
+    log.info("done: run %s, model %s, result %s", progress.run_id, model_uri, cfg.output)
+    if info.distributed:
+        torch.distributed.barrier()
+    return TrainOutcome(result=result, loop_seconds=loop_seconds, samples_trained=progress.samples_trained)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from gpu_trainer import checkpoint, contract, runtime
 from gpu_trainer.config import TrainConfig, resolve_config
 from gpu_trainer.data import Dataset, Split, epoch_indices, iterate_batches, load_dataset, pin
 from gpu_trainer.errors import TrainerError, run_cli
-from gpu_trainer.metrics import Evaluation, evaluate
+from gpu_trainer.metrics import Evaluation, score_split
 from gpu_trainer.models import build_model
 
 if TYPE_CHECKING:
@@ -482,7 +482,7 @@ def _end_epoch(
     """Rank 0 after an epoch: validate, log the metrics, checkpoint the epoch's end, print the summary."""
     cfg = job.cfg
     job.core.eval()
-    last_eval = evaluate(
+    last_eval = score_split(
         job.core,
         job.val_split,
         num_classes=job.dataset.num_classes,
@@ -532,7 +532,7 @@ def _finalize(job: _Job, progress: _Progress, loop_seconds: float) -> TrainOutco
     last_eval = progress.last_eval
     if last_eval is None:
         # Resumed after the last epoch had finished (e.g. killed while logging the model).
-        last_eval = evaluate(
+        last_eval = score_split(
             job.core,
             job.val_split,
             num_classes=job.dataset.num_classes,

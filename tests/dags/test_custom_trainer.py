@@ -11,15 +11,14 @@ import datetime as dt
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from airflow_provider_mltrain.hooks.mlflow import connection_json
 from airflow_provider_mltrain.testing import run_dag, xcom_value
 from gpu_trainer import contract
+from tests.fixtures.example_dags import EXAMPLES, land_day, load_example_dag
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "example_dags"
 CUSTOM_TRAINER = EXAMPLES / "custom_trainer" / "train.py"
 
 
@@ -27,16 +26,10 @@ CUSTOM_TRAINER = EXAMPLES / "custom_trainer" / "train.py"
 def pipeline(airflow_db, airflow_conn, mlflow_server, monkeypatch, tmp_path):
     """The example pipeline on the embedded default (local launcher, the real MLflow server), with the
     plain-PyTorch script as its training command."""
-    from airflow.dag_processing.dagbag import DagBag
-
     monkeypatch.setenv("AIRFLOW__MLTRAIN__LAUNCHER", "local")
     monkeypatch.setenv("AIRFLOW__MLTRAIN__LOCAL_CHECKPOINT_ROOT", str(tmp_path / "checkpoints"))
     airflow_conn("mlflow_default", connection_json(mlflow_server.uri))
-    bag = DagBag(dag_folder=str(EXAMPLES / "ml_training_pipeline.py"))
-    assert bag.import_errors == {}
-    dag = bag.get_dag("ml_training_pipeline")
-    for t in dag.tasks:
-        t.retries = 0  # production retries wait minutes; here a failure fails the test at once
+    dag = load_example_dag("ml_training_pipeline")
     # The one change a team makes: their script instead of the bundled trainer (on Kubernetes, their image
     # and this command).
     dag.get_task("train").partial_kwargs["cmds"] = ["python", str(CUSTOM_TRAINER)]
@@ -45,12 +38,9 @@ def pipeline(airflow_db, airflow_conn, mlflow_server, monkeypatch, tmp_path):
 
 def test_custom_trainer_in_the_example_pipeline_then_resumes(pipeline, mlflow_server, tmp_path, monkeypatch):
     from airflow_provider_mltrain.hooks.mlflow import MLflowHook
-    from gpu_trainer.digits import write_digits
 
     logical_date = dt.datetime(2026, 11, 21, 6, tzinfo=dt.timezone.utc)
-    day = tmp_path / "data" / "2026-11-21"
-    write_digits(str(day), single_file=True)
-    (day / "_SUCCESS").write_text("")
+    day = land_day(tmp_path / "data", "2026-11-21")
     model_name = f"custom-trainer-{tmp_path.name}"
     conf = {
         "data_root": f"file://{tmp_path / 'data'}",

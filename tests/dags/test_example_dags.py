@@ -10,7 +10,7 @@ import pytest
 
 from airflow_provider_mltrain.hooks.mlflow import connection_json
 from airflow_provider_mltrain.testing import run_dag, xcom_value
-from tests.fixtures.example_dags import EXAMPLES, load_example_dag
+from tests.fixtures.example_dags import EXAMPLES, land_day, load_example_dag
 
 EXAMPLE_FILES = sorted(p for p in EXAMPLES.glob("*.py") if p.name != "__init__.py")
 
@@ -89,13 +89,9 @@ def test_pipeline_end_to_end_registers_a_champion_then_skips_an_unreachable_gate
 
     from mlflow import MlflowClient
 
-    from gpu_trainer.digits import write_digits
-
     tmp_path = local_pipeline_env
     logical_date = dt.datetime(2026, 11, 20, 6, tzinfo=dt.timezone.utc)
-    day = tmp_path / "data" / "2026-11-20"
-    write_digits(str(day), single_file=True)
-    (day / "_SUCCESS").write_text("")
+    day = land_day(tmp_path / "data", "2026-11-20")
     model_name = f"digits-e2e-{tmp_path.name}"
     conf = {
         "data_root": f"file://{tmp_path / 'data'}",

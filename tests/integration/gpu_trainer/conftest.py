@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gpu_trainer.digits import write_digits
-from tests.fixtures.trainer_runs import BASE_ARGS, run_trainer, trainer_env
+from tests.fixtures.trainer_runs import run_trainer, trainer_args, trainer_env
 
 
 @pytest.fixture(autouse=True)
@@ -44,18 +44,7 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) ->
         "try_number": 1,
     }
     env = trainer_env(uri, MLTRAIN_LINEAGE=json.dumps(lineage), MLFLOW_EXPERIMENT_NAME="reference")
-    proc = run_trainer(
-        [
-            "--data",
-            str(digits_dir),
-            *BASE_ARGS,
-            "--checkpoint-dir",
-            str(root / "ckpt"),
-            "--output",
-            str(root / "result.json"),
-        ],
-        env,
-    )
+    proc = run_trainer(trainer_args(digits_dir, root), env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {
         "root": root,

@@ -12,21 +12,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from gpu_trainer import checkpoint, contract
-from tests.fixtures.trainer_runs import BASE_ARGS, REPO_ROOT, run_trainer, trainer_env
+from tests.fixtures.trainer_runs import REPO_ROOT, run_trainer, trainer_args, trainer_env
 
 
 def test_killed_run_resumes_at_epoch_3_in_the_same_mlflow_run(tmp_path, digits_dir, reference_run):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = trainer_env(uri, MLFLOW_EXPERIMENT_NAME="resume")
-    args = [
-        "--data",
-        str(digits_dir),
-        *BASE_ARGS,
-        "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
-        "--output",
-        str(tmp_path / "result.json"),
-    ]
+    args = trainer_args(digits_dir, tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpu_trainer.train", *args],
         env=env,

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from gpu_trainer import checkpoint
 from tests.fixtures.mlflow_servers import free_port, start_server, stop_server
-from tests.fixtures.trainer_runs import BASE_ARGS, REPO_ROOT, run_trainer, trainer_env
+from tests.fixtures.trainer_runs import REPO_ROOT, run_trainer, trainer_args, trainer_env
 
 EPOCHS = 30
 #: A refused connection fails at once and every epoch retries: the test needs no waiting.
@@ -67,17 +67,7 @@ def tracking(server: _Server) -> _Server:
 
 
 def _args(digits_dir: Path, tmp_path: Path) -> list[str]:
-    args = list(BASE_ARGS)
-    args[args.index("--epochs") + 1] = str(EPOCHS)
-    return [
-        "--data",
-        str(digits_dir),
-        *args,
-        "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
-        "--output",
-        str(tmp_path / "result.json"),
-    ]
+    return trainer_args(digits_dir, tmp_path, epochs=EPOCHS)
 
 
 class _Trainer:

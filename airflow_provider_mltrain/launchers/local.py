@@ -27,23 +27,23 @@ from gpu_trainer import contract
 
 #: Seconds between SIGTERM and SIGKILL: time for the trainer to save a checkpoint.
 DEFAULT_KILL_GRACE_S = 10.0
-#: Environment variables of the worker that never reach the trainer: other connections and variables,
-#: Airflow settings (database URL, fernet and JWT keys), the worker's own MLflow credentials and its own
-#: AWS identity and endpoint (keys, profile, AWS_ENDPOINT_URL[_S3], and fsspec's FSSPEC_S3_* settings,
-#: which s3fs would prefer to the task's). The trainer never imports Airflow; it gets this task's MLflow
-#: connection and, with aws_conn_id, this task's data-store connection only.
+#: Environment variables of the worker that never reach the trainer, which gets what a pod would: other
+#: connections and variables, Airflow settings (database URL, fernet and JWT keys), every MLflow and contract
+#: variable of the worker (its credentials, and also what MLflow itself leaves in os.environ: in-process
+#: ``mlflow.set_experiment`` sets MLFLOW_EXPERIMENT_ID, which a later trainer would otherwise inherit and
+#: fail on, or log into the wrong experiment), and its own AWS identity and endpoint (keys, profile,
+#: AWS_ENDPOINT_URL[_S3], and fsspec's FSSPEC_S3_* settings, which s3fs would prefer to the task's). The
+#: trainer gets this task's MLflow connection and contract, and with aws_conn_id this task's data store only.
 _WITHHELD_PREFIXES = (
     "AIRFLOW__",
     "AIRFLOW_CONN_",
     "AIRFLOW_VAR_",
     "_AIRFLOW",
-    "MLFLOW_TRACKING_",
+    "MLFLOW_",
+    "MLTRAIN_",
     "AWS_",
     "FSSPEC_S3_",
 )
-#: The worker's own values of the contract's variables (e.g. an MLFLOW_EXPERIMENT_NAME of the worker):
-#: the trainer gets this task's, from contract.trainer_environment, or none.
-_WITHHELD_NAMES = frozenset((*contract.TRAINER_ENV_VARS, *contract.MLFLOW_CLIENT_ENV_VARS))
 
 
 class LocalTrainerTimeout(TimeoutError):
@@ -74,11 +74,7 @@ def child_environment(
     :param base: the environment to start from; ``os.environ`` when None.
     """
     source = os.environ if base is None else base
-    env = {
-        key: value
-        for key, value in source.items()
-        if not key.startswith(_WITHHELD_PREFIXES) and key not in _WITHHELD_NAMES
-    }
+    env = {key: value for key, value in source.items() if not key.startswith(_WITHHELD_PREFIXES)}
     env.update(contract_env)
     # Line-buffered output so the task log follows the trainer as it goes.
     env.setdefault("PYTHONUNBUFFERED", "1")

@@ -94,6 +94,9 @@ def test_child_environment_withholds_the_workers_contract_variables():
         "MLFLOW_REGISTRY_URI": "http://worker-registry",
         "MLTRAIN_CHECKPOINT_DIR": "/worker/ckpt",
         "MLFLOW_RUN_NAME": "worker-run",
+        # What MLflow's own fluent API leaves behind in a worker process (mlflow.set_experiment).
+        "MLFLOW_EXPERIMENT_ID": "1",
+        "MLFLOW_RUN_ID": "worker-run-id",
     }
     env = child_environment({"MLTRAIN_HYPERPARAMETERS": "{}"}, base)
     assert env == {"PATH": "/usr/bin", "MLTRAIN_HYPERPARAMETERS": "{}", "PYTHONUNBUFFERED": "1"}

@@ -85,6 +85,12 @@ CHECKPOINT_MOUNT = "/mltrain/checkpoints"
 TRAINER_UID = 10001
 TRAINER_GID = 10001
 
+#: The trainer's exit status after a preemption: it got SIGTERM, finished the optimizer step in
+#: progress, wrote a checkpoint and ended its MLflow run as KILLED. 128 + SIGTERM(15), what a shell
+#: reports for a process killed by SIGTERM. A launcher that did not send the SIGTERM itself restarts
+#: the trainer on the same checkpoint directory: it resumes at the next sample of the same MLflow run.
+PREEMPTED_EXIT_CODE = 143
+
 SCHEMA_VERSION = 1
 LINEAGE_KEYS = ("dag_id", "dag_run_id", "task_id", "map_index", "try_number")
 #: Lineage keys of older operators -> today's name; read for compatibility, never written.

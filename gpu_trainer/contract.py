@@ -91,6 +91,18 @@ TRAINER_GID = 10001
 #: the trainer on the same checkpoint directory: it resumes at the next sample of the same MLflow run.
 PREEMPTED_EXIT_CODE = 143
 
+#: torchrun's rendezvous settings, which it reads from the environment (``PET_<OPTION>``). Every multi-node
+#: launcher (JobSet, TrainJob, the local launcher) runs ``torchrun`` without rendezvous flags and passes
+#: these instead: the node count, processes per node, this node's rank, and the leader's address and port.
+ENV_NNODES = "PET_NNODES"
+ENV_NPROC_PER_NODE = "PET_NPROC_PER_NODE"
+ENV_NODE_RANK = "PET_NODE_RANK"
+ENV_MASTER_ADDR = "PET_MASTER_ADDR"
+ENV_MASTER_PORT = "PET_MASTER_PORT"
+TORCHRUN_ENV_VARS = (ENV_NNODES, ENV_NPROC_PER_NODE, ENV_NODE_RANK, ENV_MASTER_ADDR, ENV_MASTER_PORT)
+#: The leader's rendezvous port on a cluster (the one Kubeflow Trainer injects).
+DEFAULT_MASTER_PORT = 29500
+
 SCHEMA_VERSION = 1
 LINEAGE_KEYS = ("dag_id", "dag_run_id", "task_id", "map_index", "try_number")
 #: Lineage keys of older operators -> today's name; read for compatibility, never written.

@@ -31,7 +31,9 @@ from airflow_provider_mltrain.hooks.mlflow import MLflowHook
 from airflow_provider_mltrain.launchers.local import LocalLauncher, LocalTrainerTimeout, local_checkpoint_root
 from airflow_provider_mltrain.links.mlflow import MLflowRunLink
 from airflow_provider_mltrain.operators import _pod_spec as spec
-from airflow_provider_mltrain.operators._arguments import RESERVED_ENV, check_arguments
+from airflow_provider_mltrain.operators._arguments import check_arguments
+from airflow_provider_mltrain.operators._pod_template import TrainingPodParams, apply_training_template
+from airflow_provider_mltrain.operators import _preemption as preemption
 from airflow_provider_mltrain.operators._scheduling import await_scheduling
 from airflow_provider_mltrain.operators._triage import GPUTrainingFailure, TriageContext, triage
 from gpu_trainer import contract
@@ -114,6 +116,10 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
     :param checkpoint_volume: ``{"claim_name": <PVC>, "mount_path": <path>}``: keep checkpoints on a PVC.
     :param checkpoint_uri: or a URI prefix the trainer writes checkpoints under (e.g. ``s3://bucket/ckpt``)
         (templated). Either way the directory is per dag/task/run/map index, not per try, so a retry resumes.
+    :param checkpoint_key: key the checkpoint directory by DAG run and this value instead of task and map
+        index (templated; one path segment such as ``trial_007``): every task of the run that passes the
+        same key resumes the same checkpoint, e.g. a sweep's next round continuing a trial (see
+        :func:`airflow_provider_mltrain.sweeps.successive_halving`). Retries resume it too.
     :param distributed: launch under torchrun with ``nproc_per_node`` processes (default: one per GPU).
     :param nproc_per_node: torchrun processes on the node; setting it implies ``distributed``.
     :param launcher: ``"kubernetes"`` (pods) or ``"local"`` (a subprocess on the worker); default from the
@@ -124,6 +130,14 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         it defers as soon as the pod is scheduled or the autoscaler is adding a node, and fails (and
         deletes the pod) when no node can take it.
     :param local_kill_grace_seconds: local launcher: seconds between SIGTERM and SIGKILL on kill/timeout.
+    :param max_preemptions: replacement pods per try when the pod is preempted, evicted, its node shuts
+        down or vanishes (see :mod:`._preemption`); each new pod resumes from the same checkpoint directory
+        without failing the try or spending a retry. The local launcher restarts a trainer that exited
+        ``143`` after a SIGTERM that did not come from Airflow the same way. 0 fails on the first.
+    :param termination_grace_period: seconds Kubernetes waits between SIGTERM and SIGKILL (the pod's
+        ``terminationGracePeriodSeconds``, also used when the task is killed); default 120, the notice
+        AWS gives a spot instance, time for the trainer's SIGTERM checkpoint. Size it from the trainer's
+        "checkpoint ... written in N s" line (see the README, "Preemption and spot nodes").
     """
 
     template_fields: Sequence[str] = tuple(
@@ -133,6 +147,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 "hyperparameters",
                 "experiment_name",
                 "checkpoint_uri",
+                "checkpoint_key",
                 "mlflow_secret",
                 "data_secret",
                 "cpu",
@@ -161,11 +176,13 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
     aws_conn_id: str | None
     checkpoint_volume: dict[str, str] | None
     checkpoint_uri: str | None
+    checkpoint_key: str | None
     nproc_per_node: int | None
     distributed: bool
     launcher: str | None
     unschedulable_timeout_seconds: int | None
     local_kill_grace_seconds: float
+    max_preemptions: int
     _local_launcher: LocalLauncher | None
     _xcom_problem: str | None
     _startup_failure: GPUTrainingFailure | None
@@ -192,11 +209,14 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         aws_conn_id: str | None = None,
         checkpoint_volume: dict[str, str] | None = None,
         checkpoint_uri: str | None = None,
+        checkpoint_key: str | None = None,
         distributed: bool = False,
         nproc_per_node: int | None = None,
         launcher: str | None = None,
         unschedulable_timeout_seconds: int | None = 60,
         local_kill_grace_seconds: float = 10.0,
+        max_preemptions: int = 3,
+        termination_grace_period: int | None = preemption.DEFAULT_TERMINATION_GRACE_PERIOD_S,
         do_xcom_push: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -217,11 +237,13 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 "aws_conn_id": aws_conn_id,
                 "checkpoint_volume": checkpoint_volume,
                 "checkpoint_uri": checkpoint_uri,
+                "checkpoint_key": checkpoint_key,
                 "distributed": distributed,
                 "nproc_per_node": nproc_per_node,
                 "launcher": launcher,
                 "unschedulable_timeout_seconds": unschedulable_timeout_seconds,
                 "local_kill_grace_seconds": local_kill_grace_seconds,
+                "max_preemptions": max_preemptions,
                 "container_resources": kwargs.get("container_resources"),
                 "env_vars": kwargs.get("env_vars"),
             }
@@ -231,6 +253,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             cmds=list(spec.DEFAULT_CMDS) if cmds is None else cmds,
             arguments=arguments,
             do_xcom_push=True,
+            termination_grace_period=termination_grace_period,
             **kwargs,
         )
         self.gpus = checked["gpus"]
@@ -243,10 +266,12 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         self.hyperparameters = checked["hyperparameters"]
         self.checkpoint_volume = checked["checkpoint_volume"]
         self.checkpoint_uri = checked["checkpoint_uri"]
+        self.checkpoint_key = checkpoint_key
         self.nproc_per_node = checked["nproc_per_node"]
         self.launcher = checked["launcher"]
         self.unschedulable_timeout_seconds = checked["unschedulable_timeout_seconds"]
         self.local_kill_grace_seconds = checked["local_kill_grace_seconds"]
+        self.max_preemptions = checked["max_preemptions"]
         self.mlflow_conn_id = mlflow_conn_id
         self.experiment_name = experiment_name
         self.mlflow_secret = mlflow_secret
@@ -330,89 +355,34 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         if container.image is None and self._resolve_launcher() == "kubernetes":
             raise spec.bad_param("image", None, "the trainer image is required to run on Kubernetes")
 
-        wanted = spec.resources(self.gpus, self.gpu_resource, cpu, memory)
-        if wanted is not None:
-            container.resources = wanted
         nproc = self._nproc()
         if nproc:
             container.command = spec.torchrun_command(container.command or [], nproc)
-
-        pod_spec = pod.spec
-        if self.gpus:
-            pod_spec.tolerations = spec.merge_tolerations(
-                pod_spec.tolerations or [], spec.gpu_toleration(self.gpu_resource)
-            )
-        if self.gpu_type:
-            requirement = k8s.V1NodeSelectorRequirement(
-                key=self.gpu_type_label, operator="In", values=list(self.gpu_type)
-            )
-            pod_spec.affinity = spec.add_required_node_affinity(pod_spec.affinity or None, requirement)
-
-        volumes = list(pod_spec.volumes or [])
-        mounts = list(container.volume_mounts or [])
-        if self._shm_enabled():
-            volumes.append(
-                k8s.V1Volume(
-                    name=spec.SHM_VOLUME,
-                    empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_limit or memory),
-                )
-            )
-            mounts.append(k8s.V1VolumeMount(name=spec.SHM_VOLUME, mount_path="/dev/shm"))
         checkpoint_dir = self._checkpoint_dir(context)
-        if self.checkpoint_volume:
-            volumes.append(
-                k8s.V1Volume(
-                    name=spec.CHECKPOINT_VOLUME,
-                    persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-                        claim_name=self.checkpoint_volume["claim_name"]
-                    ),
-                )
-            )
-            mounts.append(
-                k8s.V1VolumeMount(
-                    name=spec.CHECKPOINT_VOLUME, mount_path=self.checkpoint_volume["mount_path"]
-                )
-            )
-        elif not self.checkpoint_uri:
-            # Without a PVC or URI, checkpoints live as long as the pod: a retry starts over.
-            volumes.append(k8s.V1Volume(name=spec.CHECKPOINT_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()))
-            mounts.append(
-                k8s.V1VolumeMount(name=spec.CHECKPOINT_VOLUME, mount_path=spec.DEFAULT_CHECKPOINT_MOUNT)
-            )
-        if not any(m.mount_path.rstrip("/") == spec.TMP_MOUNT for m in mounts):
-            volumes.append(k8s.V1Volume(name=spec.TMP_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()))
-            mounts.append(k8s.V1VolumeMount(name=spec.TMP_VOLUME, mount_path=spec.TMP_MOUNT))
-        pod_spec.volumes = volumes
-        container.volume_mounts = mounts
-
-        env = [e for e in container.env or [] if e.name not in RESERVED_ENV]
-        env += [
-            k8s.V1EnvVar(name=name, value=value)
-            for name, value in self._contract_env(context, hyperparameters, checkpoint_dir).items()
-        ]
-        if self.mlflow_secret:
-            spec.check_secret_name("mlflow_secret", self.mlflow_secret)  # as rendered
-            env += spec.secret_env(self.mlflow_secret, contract.CREDENTIAL_ENV_VARS)
-        if self.data_secret:
-            spec.check_secret_name("data_secret", self.data_secret)  # the rendered value
-            # A user's own env_vars entry (say a literal AWS_ENDPOINT_URL for MinIO) wins over the key.
-            taken = {e.name for e in env}
-            names = [name for name in contract.DATA_STORE_ENV_VARS if name not in taken]
-            env += spec.secret_env(self.data_secret, names)
-        container.env = env
-
-        # Restricted profile unless the user (operator argument, template or connection) set one.
-        if not pod_spec.security_context:
-            pod_spec.security_context = spec.restricted_pod_security_context()
-        for c in pod_spec.containers:
-            if not c.security_context:
-                c.security_context = spec.restricted_container_security_context()
-        spec.limit_xcom_sidecar(pod_spec.containers, PodDefaults.SIDECAR_CONTAINER_NAME)
-        # A training pod does not talk to the Kubernetes API: no token unless the user asks for one
-        # (automount_service_account_token=True, or a pod template that sets it).
-        if pod_spec.automount_service_account_token is None:
-            pod_spec.automount_service_account_token = False
+        apply_training_template(
+            pod.spec,
+            container,
+            self._pod_params(cpu, memory, shm_limit),
+            self._contract_env(context, hyperparameters, checkpoint_dir),
+            sidecar_name=PodDefaults.SIDECAR_CONTAINER_NAME,
+        )
         return pod
+
+    def _pod_params(self, cpu: str | None, memory: str | None, shm_limit: str | None) -> TrainingPodParams:
+        """This task's inputs to the shared training pod template (rendered, validated values)."""
+        return TrainingPodParams(
+            gpus=self.gpus,
+            gpu_resource=self.gpu_resource,
+            gpu_type=tuple(self.gpu_type),
+            gpu_type_label=self.gpu_type_label,
+            cpu=cpu,
+            memory=memory,
+            shm_size=self.shm_size if shm_limit is None else shm_limit,
+            checkpoint_volume=self.checkpoint_volume,
+            checkpoint_uri=self.checkpoint_uri,
+            mlflow_secret=self.mlflow_secret,
+            data_secret=self.data_secret,
+        )
 
     def _base_container(self, pod: k8s.V1Pod) -> k8s.V1Container:
         for container in pod.spec.containers:
@@ -435,6 +405,8 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
 
     def _checkpoint_suffix(self, context: Context | None) -> str:
         lineage = self._lineage(context)
+        if self.checkpoint_key is not None and lineage:
+            return spec.keyed_checkpoint_suffix(lineage["dag_id"], lineage["dag_run_id"], self.checkpoint_key)
         if not lineage:
             return spec.path_segment(self.task_id)
         return spec.checkpoint_suffix(

@@ -23,6 +23,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 pytest_plugins = [
     "tests.fixtures.airflow_env",
+    "tests.fixtures.k8s_emulator",
     "tests.fixtures.kubernetes",
     "tests.fixtures.mlflow_servers",
     "tests.fixtures.s3",

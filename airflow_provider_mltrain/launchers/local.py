@@ -196,12 +196,16 @@ class LocalRun:
     :param tail: its last output lines.
     :param result: the validated result file (:func:`gpu_trainer.contract.load_result`); None unless the
         exit code is 0.
+    :param preemptions: how often the trainer exited
+        :data:`~gpu_trainer.contract.PREEMPTED_EXIT_CODE` on a SIGTERM that was not the launcher's (each
+        restarted it, up to ``max_preemptions``; the last one may have ended the run).
     """
 
     command: list[str]
     returncode: int
     tail: list[str]
     result: dict[str, Any] | None
+    preemptions: int = 0
 
 
 class LocalLauncher:
@@ -213,8 +217,12 @@ class LocalLauncher:
 
     :param log: where the trainer's output lines go (a logger: ``info``/``warning``).
     :param checkpoint_dir: the trainer's checkpoint directory on this machine (created if missing).
-    :param timeout_s: seconds the trainer may run; None waits forever.
+    :param timeout_s: seconds the trainer may run, restarts included; None waits forever.
     :param kill_grace_s: seconds between SIGTERM and SIGKILL on stop or timeout.
+    :param max_preemptions: how often a trainer that exits
+        :data:`~gpu_trainer.contract.PREEMPTED_EXIT_CODE` after a SIGTERM that did not come from
+        :meth:`stop` (or the timeout) is started again, with the same command, environment and checkpoint
+        directory, so it resumes from the checkpoint it wrote on that SIGTERM.
     """
 
     def __init__(
@@ -224,12 +232,18 @@ class LocalLauncher:
         checkpoint_dir: str,
         timeout_s: float | None = None,
         kill_grace_s: float = DEFAULT_KILL_GRACE_S,
+        max_preemptions: int = 0,
     ) -> None:
         self.log = log
         self.checkpoint_dir = checkpoint_dir
         self.timeout_s = timeout_s
         self.kill_grace_s = kill_grace_s
+        self.max_preemptions = max_preemptions
         self._process: LocalProcess | None = None
+        # Set by stop() before it signals: a trainer that then exits 143 was stopped by Airflow (on_kill,
+        # execution_timeout), not preempted, and is never started again.
+        self._stopped = False
+        self._lock = threading.Lock()
 
     def run(self, cmds: Sequence[str], env: Mapping[str, str]) -> LocalRun:
         """Run the trainer to its end.
@@ -243,24 +257,48 @@ class LocalLauncher:
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         result_dir = tempfile.mkdtemp(prefix="mltrain-result-")
         result_path = os.path.join(result_dir, "return.json")
-        process = LocalProcess(
-            cmd,
-            child_environment({**env, contract.ENV_RESULT_PATH: result_path}),
-            self.log,
-            kill_grace_s=self.kill_grace_s,
-        )
-        self._process = process
+        child_env = child_environment({**env, contract.ENV_RESULT_PATH: result_path})
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        preemptions = 0
         try:
-            process.start()
-            rc = process.wait(self.timeout_s)
-            result = contract.load_result(result_path) if rc == 0 else None
-            return LocalRun(command=cmd, returncode=rc, tail=list(process.tail), result=result)
+            while True:
+                process = LocalProcess(cmd, child_env, self.log, kill_grace_s=self.kill_grace_s)
+                with self._lock:
+                    if self._stopped:
+                        # stop() came between two runs: the restart it would have raced never starts.
+                        return LocalRun(command=cmd, returncode=-signal.SIGTERM, tail=[], result=None)
+                    self._process = process
+                    process.start()
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    rc = process.wait(remaining)
+                except LocalTrainerTimeout as err:
+                    raise LocalTrainerTimeout(
+                        f"trainer ran longer than {self.timeout_s:.0f}s (execution_timeout) and was stopped"
+                    ) from err
+                if rc == contract.PREEMPTED_EXIT_CODE and not self._stopped:
+                    preemptions += 1
+                    if preemptions <= self.max_preemptions:
+                        self.log.warning(
+                            "Local launcher: the trainer exited %s after a SIGTERM that did not come from "
+                            "Airflow (preempted); restarting it, %s of %s, from the checkpoint in %s",
+                            rc,
+                            preemptions,
+                            self.max_preemptions,
+                            self.checkpoint_dir,
+                        )
+                        continue
+                result = contract.load_result(result_path) if rc == 0 else None
+                tail = list(process.tail)
+                return LocalRun(command=cmd, returncode=rc, tail=tail, result=result, preemptions=preemptions)
         finally:
             self._process = None
             shutil.rmtree(result_dir, ignore_errors=True)
 
     def stop(self) -> None:
-        """Stop the running trainer's process group (SIGTERM, then SIGKILL); nothing when none runs."""
-        process = self._process
+        """Stop the trainer for good (SIGTERM, then SIGKILL to its process group): no restart follows."""
+        with self._lock:
+            self._stopped = True
+            process = self._process
         if process is not None:
             process.stop()

@@ -32,6 +32,7 @@ NOT_TEMPLATED = (
     "launcher",
     "unschedulable_timeout_seconds",
     "local_kill_grace_seconds",
+    "max_preemptions",
 )
 
 
@@ -138,6 +139,8 @@ def check_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
         and (not isinstance(checkpoint_uri, str) or not checkpoint_uri.strip())
     ):
         raise spec.bad_param("checkpoint_uri", checkpoint_uri, "expected a non-empty path or URI string")
+    if known("checkpoint_key") and args["checkpoint_key"] is not None:
+        spec.check_checkpoint_key(args["checkpoint_key"])
     for name in ("nproc_per_node", "unschedulable_timeout_seconds"):
         if known(name):
             out[name] = spec.check_positive_int(name, args[name])
@@ -162,6 +165,15 @@ def check_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
             raise spec.bad_param("local_kill_grace_seconds", grace, "expected seconds >= 0")
         out["local_kill_grace_seconds"] = float(grace)
+    preemptions = args.get("max_preemptions")
+    if known("max_preemptions") and (
+        isinstance(preemptions, bool) or not isinstance(preemptions, int) or preemptions < 0
+    ):
+        raise spec.bad_param(
+            "max_preemptions",
+            preemptions,
+            "expected an int >= 0 (replacement pods per try after a preemption; 0 fails on the first)",
+        )
     if args.get("container_resources") is not None and (
         out.get("gpus") or args.get("cpu") is not None or args.get("memory") is not None
     ):

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.exceptions import AirflowException
+from airflow.providers.cncf.kubernetes.kubernetes_helper_functions import add_unique_suffix
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.cncf.kubernetes.utils.container import container_is_succeeded
 from airflow.providers.cncf.kubernetes.utils.pod_manager import (
@@ -26,14 +28,15 @@ from airflow.providers.cncf.kubernetes.utils.pod_manager import (
 from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
 from airflow.providers.common.compat.sdk import AirflowSkipException, conf
 from kubernetes.client import models as k8s
+from kubernetes.client.exceptions import ApiException
 
 from airflow_provider_mltrain.hooks.mlflow import MLflowHook
 from airflow_provider_mltrain.launchers.local import LocalLauncher, LocalTrainerTimeout, local_checkpoint_root
 from airflow_provider_mltrain.links.mlflow import MLflowRunLink
 from airflow_provider_mltrain.operators import _pod_spec as spec
+from airflow_provider_mltrain.operators import _preemption as preemption
 from airflow_provider_mltrain.operators._arguments import check_arguments
 from airflow_provider_mltrain.operators._pod_template import TrainingPodParams, apply_training_template
-from airflow_provider_mltrain.operators import _preemption as preemption
 from airflow_provider_mltrain.operators._scheduling import await_scheduling
 from airflow_provider_mltrain.operators._triage import GPUTrainingFailure, TriageContext, triage
 from gpu_trainer import contract
@@ -187,6 +190,8 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
     _xcom_problem: str | None
     _startup_failure: GPUTrainingFailure | None
     _final_result: Any
+    _node_name: str | None
+    _timed_out: bool
 
     def __init__(
         self,
@@ -282,6 +287,8 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         self._xcom_problem = None
         self._startup_failure = None
         self._final_result = _UNSET
+        self._node_name = None
+        self._timed_out = False
 
     #: True while the local launcher builds the pod spec only to validate it (a class default: the
     #: parent's constructor may log before this one sets anything).
@@ -477,18 +484,93 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 self.aws_conn_id,
                 list(contract.DATA_STORE_ENV_VARS),
             )
-        raw = super().execute(context)
+        raw = self._execute_replacing_disrupted_pods(context)
         if self._final_result is not _UNSET:
             # Deferrable mode with a pod that was already finished: the parent ran trigger_reentry inline
             # and dropped its return value.
             return self._final_result
         return self._finish(context, raw)
 
+    def _execute_replacing_disrupted_pods(self, context: Context) -> Any:
+        """KubernetesPodOperator's execute, again with a new pod each time the pod was disrupted.
+
+        Up to ``max_preemptions`` times in this try (synchronous mode; the deferrable path replaces the
+        pod in :meth:`trigger_reentry`). Every pod is built from the same context, so it has the same
+        labels, try number and checkpoint directory, and the trainer resumes from its SIGTERM checkpoint.
+        """
+        replacements = 0
+        while True:
+            try:
+                return super().execute(context)
+            except preemption.PodDisrupted as disrupted:
+                replacements += 1
+                self._prepare_replacement(context, disrupted.disruption, replacements)
+
+    def _prepare_replacement(self, context: Context, disruption: preemption.Disruption, count: int) -> None:
+        """Log the ``count``-th replacement and make the next execute build a new pod (or fail at the limit)."""
+        if count > self.max_preemptions:
+            raise GPUTrainingFailure(preemption.limit_message(disruption, self.max_preemptions))
+        self.log.warning(
+            preemption.replacement_message(
+                disruption, count, self.max_preemptions, self._checkpoint_dir(context)
+            )
+        )
+        request = self.build_pod_request_obj(context)
+        if request.metadata.name == disruption.pod_name:
+            # name= with random_name_suffix=False: the old pod may still be terminating under that name.
+            request.metadata.name = add_unique_suffix(name=disruption.pod_name)
+        self.pod_request_obj = request
+        self.pod = None
+        self.remote_pod = None
+        self._node_name = None
+
     def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
         self._xcom_problem = None
-        raw = super().trigger_reentry(context, event)
+        # A resumed task is a new operator object: what this try has counted travels in the trigger's
+        # kwargs, which every event echoes; keep them for the parent's own re-deferrals.
+        carried = {
+            key: event[key]
+            for key in (preemption.PREEMPTIONS_EVENT_KEY, preemption.NODE_EVENT_KEY)
+            if key in event
+        }
+        if carried:
+            self.trigger_kwargs = {**(self.trigger_kwargs or {}), **carried}
+        self._node_name = event.get(preemption.NODE_EVENT_KEY)
+        # The trigger's "timeout" is execution_timeout: it ends the try for good, whatever the pod says.
+        self._timed_out = event.get("status") == "timeout"
+        try:
+            raw = super().trigger_reentry(context, event)
+        except preemption.PodDisrupted as disrupted:
+            return self._replace_and_defer(context, event, disrupted.disruption)
+        except AirflowException:
+            # The pod was gone before cleanup could look at it (KPO sets self.pod to None on a 404).
+            vanished = None if self.pod is not None or self._timed_out else self._vanished(event["name"])
+            if vanished is None:
+                raise
+            return self._replace_and_defer(context, event, vanished)
         self._final_result = self._finish(context, raw)
         return self._final_result
+
+    def _replace_and_defer(
+        self, context: Context, event: dict[str, Any], disruption: preemption.Disruption
+    ) -> Any:
+        """Deferrable mode: create the replacement pod and defer again (raises TaskDeferred).
+
+        Returns the result only when the new pod had finished before the deferral (the parent then runs
+        :meth:`trigger_reentry` inline).
+        """
+        count = int(event.get(preemption.PREEMPTIONS_EVENT_KEY, 0)) + 1
+        self._prepare_replacement(context, disruption, count)
+        kwargs = {
+            key: value
+            for key, value in (self.trigger_kwargs or {}).items()
+            # The parent's re-deferral count and the old pod's node belong to the pod that is gone.
+            if key not in ("_redefer_count", preemption.NODE_EVENT_KEY)
+        }
+        kwargs[preemption.PREEMPTIONS_EVENT_KEY] = count
+        self.trigger_kwargs = kwargs
+        self.execute_async(context)
+        return None if self._final_result is _UNSET else self._final_result
 
     def extract_xcom(self, pod: k8s.V1Pod, *, ignore_kill_failure: bool = True) -> dict[Any, Any] | None:
         try:
@@ -509,6 +591,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 self._startup_failure = GPUTrainingFailure(cause)
                 raise self._startup_failure from err
             raise
+        self._node_name = self._read_node_name(pod)
 
     def invoke_defer_method(self, last_log_time: Any = None, context: Context | None = None) -> None:
         # KPO's trigger only knows "not started within schedule_timeout_seconds": a GPU request no node
@@ -527,6 +610,11 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                     remote = self.pod
                 self.process_pod_deletion(remote, reraise=False)
                 raise
+        if self.pod is not None and preemption.NODE_EVENT_KEY not in (self.trigger_kwargs or {}):
+            # Remember the node: if the pod vanishes while deferred, a node that vanished too means preemption.
+            node = self._read_node_name(self.pod)
+            if node:
+                self.trigger_kwargs = {**(self.trigger_kwargs or {}), preemption.NODE_EVENT_KEY: node}
         super().invoke_defer_method(last_log_time=last_log_time, context=context)
 
     def _await_scheduling(self, pod: k8s.V1Pod, *, before_deferral: bool = False) -> None:
@@ -553,6 +641,10 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         xcom_result: dict | None = None,
         context: Context | None = None,
     ) -> None:
+        disruption = self._disruption(pod, remote_pod)
+        if disruption is not None:
+            self._discard_disrupted_pod(remote_pod)
+            raise preemption.PodDisrupted(disruption)
         # Read the cause before the parent deletes the pod; the parent's error only says "returned a failure".
         cause = None
         if self._startup_failure is None and remote_pod is not None and not self._killed:
@@ -567,6 +659,63 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             if cause:
                 raise GPUTrainingFailure(cause) from err
             raise
+
+    # -- preemption ----------------------------------------------------------------------------------
+
+    def _disruption(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod | None) -> preemption.Disruption | None:
+        """Why the pod ended if the cluster ended it (preempted, evicted, node gone); never raises."""
+        if self._killed or self._timed_out or remote_pod is None or self._startup_failure is not None:
+            return None
+        in_flight = sys.exc_info()[1]
+        if in_flight is not None and not isinstance(in_flight, Exception):
+            # execution_timeout, a kill or a deferral is under way: those end the try, nothing is replaced.
+            return None
+        if container_is_succeeded(remote_pod, self.base_container_name):
+            return None
+        try:
+            try:
+                # The synchronous path hands over the pod as read right after creation: read it again.
+                current = self.pod_manager.read_pod(pod)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                return self._vanished(pod.metadata.name)
+            if container_is_succeeded(current, self.base_container_name):
+                return None
+            return preemption.disruption_of(current)
+        except Exception as err:
+            self.log.warning("Could not tell whether the training pod was preempted: %s", err)
+            return None
+
+    def _vanished(self, pod_name: str) -> preemption.Disruption | None:
+        """A disruption when the pod is gone together with the node it ran on."""
+        node = self._node_name
+        if not node:
+            return None
+        try:
+            self.client.read_node(node)
+            node_exists: bool | None = True
+        except ApiException as err:
+            node_exists = False if err.status == 404 else None
+        except Exception:
+            node_exists = None
+        return preemption.vanished_with_node(pod_name, node, node_exists)
+
+    def _read_node_name(self, pod: k8s.V1Pod) -> str | None:
+        try:
+            remote = self.pod_manager.read_pod(pod)
+        except Exception:
+            return None
+        return getattr(remote.spec, "node_name", None) or None
+
+    def _discard_disrupted_pod(self, remote_pod: k8s.V1Pod) -> None:
+        """Mark the disrupted pod checked (no reattach finds it) and delete it, whatever on_finish_action."""
+        self.patch_already_checked(remote_pod, reraise=False)
+        try:
+            self.pod_manager.delete_pod(remote_pod)
+        except ApiException as err:
+            if err.status != 404:
+                self.log.warning("Could not delete the preempted pod %s: %s", remote_pod.metadata.name, err)
 
     def _triage_context(self) -> TriageContext:
         shm = None if self.shm_size is None or isinstance(self.shm_size, bool) else str(self.shm_size)
@@ -707,6 +856,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             checkpoint_dir=checkpoint_dir,
             timeout_s=self.execution_timeout.total_seconds() if self.execution_timeout else None,
             kill_grace_s=self.local_kill_grace_seconds,
+            max_preemptions=self.max_preemptions,
         )
         self._local_launcher = launcher
         try:
@@ -717,6 +867,13 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             raise AirflowException(str(err)) from err
         finally:
             self._local_launcher = None
+        if run.returncode == contract.PREEMPTED_EXIT_CODE and run.preemptions > self.max_preemptions:
+            raise GPUTrainingFailure(
+                f"Local trainer was preempted {run.preemptions} times (exit {run.returncode} after a SIGTERM "
+                f"that did not come from Airflow): max_preemptions={self.max_preemptions} restarts are spent. "
+                f"The next Airflow retry (if any) resumes from the checkpoint in {checkpoint_dir}; raise "
+                "max_preemptions= to restart more often within one try."
+            )
         if run.returncode != 0:
             cause = triage(None, self.base_container_name, run.tail, self._triage_context())
             message = f"Local trainer exited with code {run.returncode}: {run.command}"

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 #: JSON object of hyperparameters; command-line flags, when given, win over it.
@@ -77,6 +77,15 @@ TRAINER_ENV_VARS = (
 
 #: Where KubernetesPodOperator's xcom sidecar picks the return value up.
 DEFAULT_RESULT_PATH = "/airflow/xcom/return.json"
+#: Multi-node jobs (JobSet, TrainJob) have no xcom sidecar: the leader container's result path is its
+#: termination message file (Kubernetes' default ``terminationMessagePath``). The kubelet bind-mounts that
+#: file and copies at most ``TERMINATION_MESSAGE_LIMIT`` bytes of it (the file's tail) into the pod status,
+#: where the operator reads it without exec or a sidecar.
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_LIMIT = 4096
+#: Start of the one log line that repeats a result written to the termination message: the operator's
+#: fallback for a result over ``TERMINATION_MESSAGE_LIMIT`` (the kubelet keeps only its tail).
+RESULT_LOG_MARKER = "MLTRAIN_RESULT_JSON "
 #: Where checkpoints live in the trainer's container: the image creates it (and makes it the default
 #: checkpoint directory) and the operator mounts its checkpoint volume there unless told otherwise.
 CHECKPOINT_MOUNT = "/mltrain/checkpoints"
@@ -301,6 +310,9 @@ def write_result(path: str, result: Mapping[str, Any]) -> None:
     :param result: the result object.
     """
     payload = validate_result(dict(result))
+    if os.path.abspath(path) == TERMINATION_MESSAGE_PATH:
+        _write_termination_message(payload)
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".result-", suffix=".json", dir=directory)
@@ -312,6 +324,29 @@ def write_result(path: str, result: Mapping[str, Any]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_termination_message(payload: Mapping[str, Any]) -> None:
+    """Write the result in place (the kubelet's bind mount cannot be renamed over; the uid cannot create
+    files in /dev) and print it as one marker line, which the operator reads when the result is too long
+    for the termination message."""
+    text = json.dumps(payload, sort_keys=True, allow_nan=False)
+    print(RESULT_LOG_MARKER + text, flush=True)
+    with open(TERMINATION_MESSAGE_PATH, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def parse_result_log_line(lines: Sequence[str]) -> Any:
+    """The decoded JSON of the last result marker line among ``lines`` (None when there is none).
+
+    :param lines: log lines, e.g. the leader's log tail; a timestamp prefix before the marker is allowed.
+    :raises ValueError: the last marker line is not valid JSON (a truncated log line).
+    """
+    for line in reversed(lines):
+        _, marker, text = line.partition(RESULT_LOG_MARKER)
+        if marker:
+            return json.loads(text)
+    return None
 
 
 def make_result(

@@ -224,11 +224,21 @@ def check_trainer_hyperparameters(value: Mapping[str, Any], cmds: Sequence[str] 
     )
 
 
+#: A PVC's access modes a user may declare on ``checkpoint_volume`` (what its StorageClass provides).
+ACCESS_MODES = ("ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany")
+
+
 def check_checkpoint_volume(value: Any) -> dict[str, str] | None:
-    allowed = "expected {'claim_name': <PVC name>, 'mount_path': <absolute path>} (mount_path optional)"
+    allowed = (
+        "expected {'claim_name': <PVC name>, 'mount_path': <absolute path>, 'access_mode': "
+        f"one of {list(ACCESS_MODES)}}} (mount_path and access_mode optional)"
+    )
     if value is None:
         return None
-    if not isinstance(value, Mapping) or set(value) - {"claim_name", "mount_path"}:
+    if not isinstance(value, Mapping) or set(value) - {"claim_name", "mount_path", "access_mode"}:
+        raise bad_param("checkpoint_volume", value, allowed)
+    access_mode = value.get("access_mode")
+    if access_mode is not None and access_mode not in ACCESS_MODES:
         raise bad_param("checkpoint_volume", value, allowed)
     claim = value.get("claim_name")
     mount = value.get("mount_path", DEFAULT_CHECKPOINT_MOUNT)
@@ -238,7 +248,10 @@ def check_checkpoint_volume(value: Any) -> dict[str, str] | None:
         raise bad_param(
             "checkpoint_volume", value, allowed + "; mount_path must be absolute, not / or /dev/shm"
         )
-    return {"claim_name": claim, "mount_path": mount.rstrip("/")}
+    checked = {"claim_name": claim, "mount_path": mount.rstrip("/")}
+    if access_mode is not None:
+        checked["access_mode"] = access_mode
+    return checked
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | None:
@@ -368,6 +381,32 @@ def checkpoint_suffix(dag_id: str, task_id: str, run_id: str, map_index: int | N
     if map_index is not None and map_index >= 0:
         parts.append(f"map_{map_index}")
     return "/".join(path_segment(p) for p in parts)
+
+
+#: A checkpoint_key: one path segment, so it can never climb out of (or into another run's) directory.
+_CHECKPOINT_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_checkpoint_key(value: Any) -> str:
+    """A ``checkpoint_key`` as rendered: one path segment of letters, digits, ``.``, ``_``, ``-``."""
+    if not isinstance(value, str) or not _CHECKPOINT_KEY.fullmatch(value) or ".." in value:
+        raise bad_param(
+            "checkpoint_key",
+            value,
+            "expected 1-128 letters, digits, '.', '_' or '-' starting with a letter or digit, no '..' "
+            "(one path segment, e.g. 'trial_007')",
+        )
+    return value
+
+
+def keyed_checkpoint_suffix(dag_id: str, run_id: str, checkpoint_key: str) -> str:
+    """Checkpoint location shared by every task of a DAG run that passes the same ``checkpoint_key``.
+
+    Neither task id nor map index is in it: a sweep's round k+1 task resumes what round k's wrote. The
+    ``checkpoint_key=`` segment keeps it apart from :func:`checkpoint_suffix`'s ``dag/task/run`` paths.
+    """
+    key = check_checkpoint_key(checkpoint_key)
+    return "/".join((path_segment(dag_id), path_segment(run_id), f"checkpoint_key={key}"))
 
 
 def run_name(dag_id: str, task_id: str, map_index: int | None, dag_run_id: str | None = None) -> str:

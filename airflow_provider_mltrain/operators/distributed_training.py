@@ -1,0 +1,547 @@
+"""DistributedTrainingOperator: one training task on several nodes, as a JobSet or a Kubeflow TrainJob.
+
+The training parameters mean what they mean for :class:`GPUTrainingPodOperator`, and each node's pod comes
+from the same template builder (:mod:`._pod_template`). This module holds the operator's parameters, their
+parse-time checks and the manifest; the resource's lifecycle (create, wait, re-attach, delete, result)
+lives in its own module.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.models import BaseOperator
+from airflow.providers.common.compat.sdk import conf
+from kubernetes.client import models as k8s
+
+from airflow_provider_mltrain._templating import renders_later
+from airflow_provider_mltrain.hooks.mlflow import MLflowHook
+from airflow_provider_mltrain.operators import _manifests as manifests
+from airflow_provider_mltrain.operators import _pod_spec as spec
+from airflow_provider_mltrain.operators._arguments import check_arguments
+from airflow_provider_mltrain.operators._pod_template import TrainingPodParams, apply_training_template
+from gpu_trainer import contract
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+_OPERATOR = "DistributedTrainingOperator"
+#: Kueue names (LocalQueue, WorkloadPriorityClass) travel as label values: <= 63 lowercase DNS characters.
+_KUEUE_NAME = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+#: Arguments Airflow does not render here: Jinja or an XComArg in them would stay as written.
+_NOT_TEMPLATED = (
+    "num_nodes",
+    "backend",
+    "runtime_ref",
+    "runtime_kind",
+    "queue_name",
+    "priority_class",
+    "max_restarts",
+    "admission_timeout_seconds",
+    "deferrable",
+    "namespace",
+)
+
+
+def _bad(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{_OPERATOR}: invalid {name}={value!r}; {allowed}")
+
+
+def _as_this_operator(err: ValueError) -> ValueError:
+    """The shared checks name the pod operator; a user of this one should read its own name."""
+    return ValueError(str(err).replace("GPUTrainingPodOperator:", f"{_OPERATOR}:", 1))
+
+
+def check_distributed_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the arguments present in ``args`` (``partial()`` sees a subset); return them normalized.
+
+    The training parameters go through the pod operator's :func:`._arguments.check_arguments`; the
+    multi-node ones are checked here. Raises ``ValueError`` naming the parameter, the value and what is
+    allowed.
+    """
+    shared = {k: v for k, v in args.items() if k not in ("nproc_per_node",)}
+    try:
+        out = check_arguments(shared)
+    except ValueError as err:
+        raise _as_this_operator(err) from None
+    out.update({k: v for k, v in args.items() if k not in out})
+
+    def known(name: str) -> bool:
+        return name in args and not renders_later(args[name])
+
+    for name in _NOT_TEMPLATED:
+        if name in args and renders_later(args[name]):
+            raise _bad(name, args[name], "not a template field: pass a literal value")
+    for name in ("num_nodes", "nproc_per_node", "admission_timeout_seconds"):
+        if known(name):
+            try:
+                out[name] = spec.check_positive_int(name, args[name], allow_none=name != "num_nodes")
+            except ValueError as err:
+                raise _as_this_operator(err) from None
+    if known("backend") and args["backend"] not in manifests.BACKENDS:
+        raise _bad("backend", args["backend"], f"expected one of {list(manifests.BACKENDS)}")
+    if known("runtime_ref") and (
+        not isinstance(args["runtime_ref"], str) or not _DNS_SUBDOMAIN.match(args["runtime_ref"])
+    ):
+        raise _bad(
+            "runtime_ref", args["runtime_ref"], "expected the name of a (Cluster)TrainingRuntime, a DNS name"
+        )
+    if known("runtime_kind") and args["runtime_kind"] not in manifests.RUNTIME_KINDS:
+        raise _bad("runtime_kind", args["runtime_kind"], f"expected one of {list(manifests.RUNTIME_KINDS)}")
+    for name in ("queue_name", "priority_class"):
+        value = args.get(name)
+        if known(name) and value is not None and (not isinstance(value, str) or not _KUEUE_NAME.match(value)):
+            raise _bad(
+                name,
+                value,
+                "expected a Kueue object name usable as a label value (<= 63 lowercase letters, digits, "
+                "'-' and '.') or None",
+            )
+    restarts = args.get("max_restarts")
+    if known("max_restarts") and (
+        isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0
+    ):
+        raise _bad("max_restarts", restarts, "expected an int >= 0")
+    if args.get("backend") == "trainjob" and isinstance(restarts, int) and restarts > 0:
+        raise _bad(
+            "max_restarts",
+            restarts,
+            "a TrainJob takes its restart policy from its runtime (the ClusterTrainingRuntime's JobSet "
+            "failurePolicy): use 0 with backend='trainjob', or backend='jobset'",
+        )
+    if known("deferrable") and not isinstance(args["deferrable"], bool):
+        raise _bad("deferrable", args["deferrable"], "expected True or False")
+    namespace = args.get("namespace")
+    if known("namespace") and namespace is not None and not _DNS_LABEL.match(str(namespace)):
+        raise _bad("namespace", namespace, "expected a Kubernetes namespace name (a DNS label) or None")
+    env = args.get("env_vars")
+    if env is not None and not renders_later(env):
+        names = list(env) if isinstance(env, Mapping) else [getattr(e, "name", None) for e in env]
+        clash = sorted(set(contract.TORCHRUN_ENV_VARS) & {str(n) for n in names})
+        if clash:
+            raise _bad(
+                "env_vars",
+                clash,
+                "torchrun's placement is set by the operator (num_nodes=, nproc_per_node=; Kubeflow "
+                "Trainer rejects user variables with these names)",
+            )
+    _check_shared_checkpoint(args, out)
+    return out
+
+
+def _check_shared_checkpoint(args: Mapping[str, Any], out: Mapping[str, Any]) -> None:
+    """More than one node needs a checkpoint location every node sees: otherwise each node's pod has its
+    own emptyDir, and a restart resumes from whichever node's copy (or none)."""
+    num_nodes = out.get("num_nodes")
+    if not isinstance(num_nodes, int) or num_nodes <= 1:
+        return
+    if "checkpoint_uri" not in args and "checkpoint_volume" not in args:
+        return  # partial() without either: the constructor sees the defaults and decides
+    if args.get("checkpoint_uri") is not None:
+        return
+    volume = out.get("checkpoint_volume")
+    if isinstance(volume, Mapping) and volume.get("access_mode") == "ReadWriteMany":
+        return
+    if renders_later(args.get("checkpoint_volume")):
+        return
+    raise _bad(
+        "checkpoint_volume" if volume else "num_nodes",
+        volume if volume else num_nodes,
+        "more than one node needs a checkpoint location every node sees: pass checkpoint_uri= (e.g. "
+        "'s3://bucket/checkpoints') or checkpoint_volume={'claim_name': ..., 'mount_path': ..., "
+        "'access_mode': 'ReadWriteMany'} (a PVC whose StorageClass supports ReadWriteMany)",
+    )
+
+
+class DistributedTrainingOperator(BaseOperator):
+    """Train on ``num_nodes`` nodes x ``nproc_per_node`` processes as a JobSet or a Kubeflow TrainJob.
+
+    Every node runs ``torchrun <the command>``; torchrun reads its placement from the ``PET_*`` variables
+    the backend provides. Only global rank 0 logs to MLflow, checkpoints and writes the result (the
+    contract's ``is_main_process()``); its result is this task's return value. Works with Kueue
+    (``queue_name=``) and runs locally with ``launcher="local"`` (every node a process group on the worker).
+
+    :param image: the trainer image (templated).
+    :param cmds: the command every node runs under torchrun; default ``["python", "-m",
+        "gpu_trainer.train"]`` (templated).
+    :param arguments: its arguments (templated).
+    :param gpus: GPUs per node (requests = limits); 0 runs on CPUs (gloo).
+    :param gpu_resource: the extended resource name, e.g. ``nvidia.com/gpu``.
+    :param gpu_type: accepted GPU product(s), as values of ``gpu_type_label``: required node affinity.
+    :param gpu_type_label: the node label holding the GPU product.
+    :param cpu: CPU request and limit per node (templated).
+    :param memory: memory request and limit per node (templated).
+    :param shm_size: ``/dev/shm`` per node, as for :class:`GPUTrainingPodOperator`.
+    :param hyperparameters: the trainer's hyperparameters, a JSON-serializable dict (templated; mappable
+        with ``.partial(...).expand(hyperparameters=[...])``).
+    :param mlflow_conn_id: MLflow connection whose tracking URI the trainer logs to.
+    :param experiment_name: the MLflow experiment (templated).
+    :param mlflow_secret: Secret with the MLflow credential keys (templated); Secret references only.
+    :param data_secret: Secret with the data store's ``AWS_*`` keys (templated); Secret references only.
+    :param aws_conn_id: local launcher: the Amazon connection the trainer processes get credentials from.
+    :param checkpoint_volume: ``{"claim_name", "mount_path", "access_mode"}``: checkpoints on a PVC; with
+        more than one node it must be ``"access_mode": "ReadWriteMany"`` (every node mounts it).
+    :param checkpoint_uri: or a URI prefix every node reaches (e.g. ``s3://bucket/ckpt``) (templated).
+        More than one node needs one of the two: every restart resumes from the shared checkpoint.
+    :param num_nodes: nodes (pods), >= 1.
+    :param nproc_per_node: torchrun processes per node; default ``gpus``, or 1 without GPUs.
+    :param backend: ``"jobset"`` (a ``jobset.x-k8s.io/v1alpha2`` JobSet; needs only the JobSet controller)
+        or ``"trainjob"`` (a ``trainer.kubeflow.org/v1alpha1`` TrainJob; needs Kubeflow Trainer).
+    :param runtime_ref: the TrainJob's runtime (default Kubeflow's ``torch-distributed``).
+    :param runtime_kind: ``"ClusterTrainingRuntime"`` (default) or ``"TrainingRuntime"`` (namespaced).
+    :param queue_name: Kueue LocalQueue: the ``kueue.x-k8s.io/queue-name`` label, created suspended.
+    :param priority_class: Kueue WorkloadPriorityClass (the ``kueue.x-k8s.io/priority-class`` label).
+    :param max_restarts: JobSet ``failurePolicy.maxRestarts``: whole-set restarts after a node fails, each
+        resuming from the shared checkpoint (0 with ``backend="trainjob"``: the runtime decides).
+    :param admission_timeout_seconds: fail (and delete the resource) when Kueue has not admitted it in this
+        long; None waits without a limit of its own (``execution_timeout`` still applies).
+    :param unschedulable_timeout_seconds: fail after a node's pod has been unschedulable this long (unless
+        the cluster autoscaler is scaling up), as for :class:`GPUTrainingPodOperator`.
+    :param deferrable: wait on the triggerer; default from ``[operators] default_deferrable``.
+    :param launcher: ``"kubernetes"`` or ``"local"``; default from ``[mltrain] launcher``. Never a fallback.
+    :param namespace: the namespace; None uses the Kubernetes connection's.
+    :param kubernetes_conn_id: the Kubernetes connection.
+    :param env_vars: further environment variables for every node (templated); the contract's and
+        torchrun's ``PET_*`` names are the operator's.
+    :param node_selector: the node pods' node selector.
+    :param tolerations: further tolerations (the GPU taint's is added with ``gpus``).
+    :param affinity: affinity (``gpu_type`` is ANDed into its required node terms).
+    :param service_account_name: the node pods' service account (e.g. one with a cloud identity).
+    :param image_pull_secrets: Secrets to pull the image with (names, comma-separated, or references).
+    :param local_kill_grace_seconds: local launcher: seconds between SIGTERM and SIGKILL.
+    """
+
+    template_fields: Sequence[str] = (
+        "image",
+        "cmds",
+        "arguments",
+        "hyperparameters",
+        "experiment_name",
+        "checkpoint_uri",
+        "mlflow_secret",
+        "data_secret",
+        "cpu",
+        "memory",
+        "env_vars",
+    )
+    template_fields_renderers: ClassVar[dict[str, str]] = {"hyperparameters": "json", "env_vars": "json"}
+    ui_color = "#c5e1f5"
+
+    def __init__(
+        self,
+        *,
+        image: str | None = None,
+        cmds: list[str] | None = None,
+        arguments: list[str] | None = None,
+        gpus: int = 0,
+        gpu_resource: str = spec.DEFAULT_GPU_RESOURCE,
+        gpu_type: str | list[str] | None = None,
+        gpu_type_label: str = spec.DEFAULT_GPU_TYPE_LABEL,
+        cpu: str | int | float | None = None,
+        memory: str | int | None = None,
+        shm_size: str | bool | None = None,
+        hyperparameters: dict[str, Any] | str | None = None,
+        mlflow_conn_id: str | None = None,
+        experiment_name: str | None = None,
+        mlflow_secret: str | None = None,
+        data_secret: str | None = None,
+        aws_conn_id: str | None = None,
+        checkpoint_volume: dict[str, str] | None = None,
+        checkpoint_uri: str | None = None,
+        num_nodes: int = 1,
+        nproc_per_node: int | None = None,
+        backend: str = "jobset",
+        runtime_ref: str = manifests.DEFAULT_RUNTIME,
+        runtime_kind: str = "ClusterTrainingRuntime",
+        queue_name: str | None = None,
+        priority_class: str | None = None,
+        max_restarts: int = 0,
+        admission_timeout_seconds: int | None = None,
+        unschedulable_timeout_seconds: int | None = 60,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        launcher: str | None = None,
+        namespace: str | None = None,
+        kubernetes_conn_id: str | None = "kubernetes_default",
+        env_vars: dict[str, str] | list[k8s.V1EnvVar] | None = None,
+        node_selector: dict[str, str] | None = None,
+        tolerations: list[k8s.V1Toleration | dict[str, Any]] | None = None,
+        affinity: k8s.V1Affinity | dict[str, Any] | None = None,
+        service_account_name: str | None = None,
+        image_pull_secrets: str | list[k8s.V1LocalObjectReference] | None = None,
+        local_kill_grace_seconds: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        checked = check_distributed_arguments(
+            {
+                "gpus": gpus,
+                "gpu_resource": gpu_resource,
+                "gpu_type": gpu_type,
+                "gpu_type_label": gpu_type_label,
+                "cpu": cpu,
+                "memory": memory,
+                "shm_size": shm_size,
+                "hyperparameters": hyperparameters,
+                "cmds": cmds,
+                "mlflow_secret": mlflow_secret,
+                "data_secret": data_secret,
+                "aws_conn_id": aws_conn_id,
+                "checkpoint_volume": checkpoint_volume,
+                "checkpoint_uri": checkpoint_uri,
+                "num_nodes": num_nodes,
+                "nproc_per_node": nproc_per_node,
+                "backend": backend,
+                "runtime_ref": runtime_ref,
+                "runtime_kind": runtime_kind,
+                "queue_name": queue_name,
+                "priority_class": priority_class,
+                "max_restarts": max_restarts,
+                "admission_timeout_seconds": admission_timeout_seconds,
+                "unschedulable_timeout_seconds": unschedulable_timeout_seconds,
+                "deferrable": deferrable,
+                "launcher": launcher,
+                "namespace": namespace,
+                "local_kill_grace_seconds": local_kill_grace_seconds,
+                "env_vars": env_vars,
+            }
+        )
+        super().__init__(**kwargs)
+        self.image = image
+        self.cmds = list(spec.DEFAULT_CMDS) if cmds is None else cmds
+        self.arguments = arguments
+        self.gpus = checked["gpus"]
+        self.gpu_resource = checked["gpu_resource"]
+        self.gpu_type = checked["gpu_type"]
+        self.gpu_type_label = checked["gpu_type_label"]
+        self.cpu = checked["cpu"]
+        self.memory = checked["memory"]
+        self.shm_size = shm_size
+        self.hyperparameters = checked["hyperparameters"]
+        self.mlflow_conn_id = mlflow_conn_id
+        self.experiment_name = experiment_name
+        self.mlflow_secret = mlflow_secret
+        self.data_secret = data_secret
+        self.aws_conn_id = aws_conn_id
+        self.checkpoint_volume = checked["checkpoint_volume"]
+        self.checkpoint_uri = checkpoint_uri
+        self.num_nodes = checked["num_nodes"]
+        self.nproc_per_node = checked["nproc_per_node"]
+        self.backend = backend
+        self.runtime_ref = runtime_ref
+        self.runtime_kind = runtime_kind
+        self.queue_name = queue_name
+        self.priority_class = priority_class
+        self.max_restarts = max_restarts
+        self.admission_timeout_seconds = admission_timeout_seconds
+        self.unschedulable_timeout_seconds = checked["unschedulable_timeout_seconds"]
+        self.deferrable = deferrable
+        self.launcher = launcher
+        self.namespace = namespace
+        self.kubernetes_conn_id = kubernetes_conn_id
+        self.env_vars = env_vars
+        self.node_selector = node_selector
+        self.tolerations = tolerations
+        self.affinity = affinity
+        self.service_account_name = service_account_name
+        self.image_pull_secrets = image_pull_secrets
+        self.local_kill_grace_seconds = checked["local_kill_grace_seconds"]
+
+    @classmethod
+    def partial(cls, **kwargs: Any) -> Any:
+        """``BaseOperator.partial``, plus this operator's argument checks at DAG parse time (a mapped
+        task's operator is only built when an instance runs)."""
+        check_distributed_arguments(kwargs)
+        return super().partial(**kwargs)
+
+    @cached_property
+    def mlflow_hook(self) -> MLflowHook | None:
+        """This execution's MLflow hook (one connection look-up), None without ``mlflow_conn_id``."""
+        return MLflowHook(self.mlflow_conn_id) if self.mlflow_conn_id else None
+
+    @property
+    def effective_nproc_per_node(self) -> int:
+        """torchrun processes per node: ``nproc_per_node``, else one per GPU, else 1."""
+        return self.nproc_per_node or self.gpus or 1
+
+    def resolve_launcher(self) -> str:
+        """``launcher``, else the ``[mltrain] launcher`` setting, else ``"kubernetes"``."""
+        launcher = self.launcher or conf.get("mltrain", "launcher", fallback="kubernetes") or "kubernetes"
+        launcher = launcher.strip().lower()
+        if launcher not in spec.LAUNCHERS:
+            raise _bad(
+                "launcher", launcher, f"([mltrain] launcher setting) expected one of {list(spec.LAUNCHERS)}"
+            )
+        return launcher
+
+    # -- the manifest --------------------------------------------------------------------------------
+
+    @staticmethod
+    def lineage(context: Context | None) -> dict[str, Any]:
+        """The contract lineage of this task instance ({} without a context, e.g. ``dry_run()``)."""
+        if not context:
+            return {}
+        ti = context["ti"]
+        return {
+            "dag_id": ti.dag_id,
+            "dag_run_id": context["run_id"],
+            "task_id": ti.task_id,
+            "map_index": ti.map_index,
+            "try_number": ti.try_number,
+        }
+
+    def checkpoint_dir(self, context: Context | None) -> str:
+        """The shared checkpoint directory of this task instance (not per try: a retry resumes)."""
+        lineage = self.lineage(context)
+        if lineage:
+            suffix = spec.checkpoint_suffix(
+                lineage["dag_id"], lineage["task_id"], lineage["dag_run_id"], lineage["map_index"]
+            )
+        else:
+            suffix = spec.path_segment(self.task_id)
+        if self.checkpoint_volume:
+            return f"{self.checkpoint_volume['mount_path']}/{suffix}"
+        if self.checkpoint_uri:
+            return f"{str(self.checkpoint_uri).rstrip('/')}/{suffix}"
+        return f"{spec.DEFAULT_CHECKPOINT_MOUNT}/{suffix}"
+
+    def resource_name(self, context: Context | None) -> str:
+        """The JobSet's / TrainJob's name for this try."""
+        return manifests.resource_name(self.task_id, self.lineage(context))
+
+    def task_labels(self, context: Context | None) -> dict[str, str]:
+        """Labels naming this task instance (any try): a retry lists by them to re-attach."""
+        return manifests.task_labels(self.lineage(context))
+
+    def contract_env(self, context: Context | None, *, result_path: str) -> dict[str, str]:
+        """The trainer's contract variables for a node (tracking URI only: credentials come from Secrets)."""
+        hyperparameters = spec.check_hyperparameters(self.hyperparameters)
+        spec.check_trainer_hyperparameters(hyperparameters, self.cmds)
+        lineage = self.lineage(context)
+        mlflow = {contract.ENV_TRACKING_URI: self.mlflow_hook.tracking_uri} if self.mlflow_hook else None
+        return contract.trainer_environment(
+            hyperparameters=hyperparameters,
+            checkpoint_dir=self.checkpoint_dir(context),
+            lineage=lineage,
+            result_path=result_path,
+            run_name=spec.run_name(
+                lineage.get("dag_id", self.dag_id if self.has_dag() else "dag"),
+                self.task_id,
+                lineage.get("map_index"),
+                lineage.get("dag_run_id"),
+            ),
+            experiment_name=str(self.experiment_name) if self.experiment_name else None,
+            mlflow=mlflow,
+        )
+
+    def pod_params(self) -> TrainingPodParams:
+        """The rendered, validated inputs to the shared training pod template."""
+        try:
+            cpu = spec.check_quantity("cpu", self.cpu)
+            memory = spec.check_quantity("memory", self.memory)
+            shm = self.shm_size
+            shm_size = shm if shm is None or isinstance(shm, bool) else spec.check_quantity("shm_size", shm)
+        except ValueError as err:
+            raise _as_this_operator(err) from None
+        return TrainingPodParams(
+            gpus=self.gpus,
+            gpu_resource=self.gpu_resource,
+            gpu_type=tuple(self.gpu_type),
+            gpu_type_label=self.gpu_type_label,
+            cpu=cpu,
+            memory=memory,
+            shm_size=shm_size,
+            checkpoint_volume=self.checkpoint_volume,
+            checkpoint_uri=str(self.checkpoint_uri) if self.checkpoint_uri else None,
+            mlflow_secret=self.mlflow_secret,
+            data_secret=self.data_secret,
+        )
+
+    def build_node_pod_spec(self, context: Context | None = None) -> k8s.V1PodSpec:
+        """One node's pod spec (the training template applied; for JobSet with torchrun's placement)."""
+        from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters import (
+            convert_affinity,
+            convert_env_vars,
+            convert_image_pull_secrets,
+            convert_toleration,
+        )
+
+        if not self.image and self.resolve_launcher() == "kubernetes":
+            raise _bad("image", self.image, "the trainer image is required to run on Kubernetes")
+        container = k8s.V1Container(
+            name=manifests.NODE_NAME,
+            image=self.image,
+            command=manifests.multinode_command(self.cmds),
+            args=list(self.arguments) if self.arguments else None,
+            env=convert_env_vars(self.env_vars) if self.env_vars else [],
+            # The leader's result channel (see _manifests.TERMINATION_MESSAGE_PATH); Kubernetes' default
+            # path, stated so the trainer's MLTRAIN_RESULT_PATH and the pod agree by construction.
+            termination_message_path=manifests.TERMINATION_MESSAGE_PATH,
+            termination_message_policy="File",
+        )
+        pod_spec = k8s.V1PodSpec(
+            containers=[container],
+            restart_policy="Never",
+            node_selector=dict(self.node_selector) if self.node_selector else None,
+            tolerations=[convert_toleration(t) for t in self.tolerations] if self.tolerations else None,
+            affinity=convert_affinity(self.affinity) if self.affinity else None,
+            service_account_name=self.service_account_name,
+            image_pull_secrets=(
+                convert_image_pull_secrets(self.image_pull_secrets) if self.image_pull_secrets else None
+            ),
+        )
+        apply_training_template(
+            pod_spec,
+            container,
+            self.pod_params(),
+            self.contract_env(context, result_path=manifests.TERMINATION_MESSAGE_PATH),
+        )
+        if self.backend == "jobset":
+            name = self.resource_name(context)
+            container.env = [
+                *(container.env or []),
+                *manifests.jobset_rendezvous_env(name, self.num_nodes, self.effective_nproc_per_node),
+            ]
+        return pod_spec
+
+    def build_manifest(self, context: Context | None = None) -> dict[str, Any]:
+        """The JobSet or TrainJob this task creates, as a plain dict (what :meth:`dry_run` prints).
+
+        :param context: the task's context (names, labels and lineage); None builds a preview.
+        """
+        pod_spec = self.build_node_pod_spec(context)
+        task_labels = self.task_labels(context)
+        labels = {**task_labels, **manifests.kueue_labels(self.queue_name, self.priority_class)}
+        common = {
+            "name": self.resource_name(context),
+            "namespace": self.namespace,
+            "labels": labels,
+            "pod_labels": task_labels,
+            "pod_spec": pod_spec,
+            "num_nodes": self.num_nodes,
+            # Kueue admits only what was created suspended; it unsuspends the resource itself.
+            "suspend": bool(self.queue_name),
+        }
+        if self.backend == "trainjob":
+            return manifests.trainjob(
+                **common,
+                container=pod_spec.containers[0],
+                nproc_per_node=self.effective_nproc_per_node,
+                runtime_ref=self.runtime_ref,
+                runtime_kind=self.runtime_kind,
+            )
+        return manifests.jobset(**common, max_restarts=self.max_restarts)
+
+    def dry_run(self) -> None:
+        """Print the manifest as YAML (no cluster is contacted)."""
+        import yaml
+
+        print(yaml.safe_dump(self.build_manifest(), sort_keys=False))
+
+    def execute(self, context: Context) -> Any:
+        # The lifecycle (create or re-attach, wait sync or deferred, result, delete) is wired in by the
+        # lifecycle module; until then this operator only builds manifests.
+        raise NotImplementedError("DistributedTrainingOperator.execute: the lifecycle is not wired in yet")

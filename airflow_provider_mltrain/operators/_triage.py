@@ -16,6 +16,13 @@ from airflow.exceptions import AirflowException
 IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 _CUDA_OOM = re.compile(r"CUDA out of memory|torch\.(cuda\.)?OutOfMemoryError|CUDA error: out of memory")
 _BUS_ERROR = re.compile(r"\bBus error\b|DataLoader worker \(pid \d+\) is killed by signal: Bus error", re.I)
+# NCCL's own errors, and the watchdog/store timeouts of a collective that some rank never joined.
+_NCCL_ERROR = re.compile(
+    r"NCCL error|ncclInternalError|ncclSystemError|ncclUnhandledCudaError|ncclRemoteError|NCCL WARN|"
+    r"Watchdog caught collective operation timeout|NCCL communicator was aborted|"
+    r"ProcessGroupNCCL.*(?:timed out|[Tt]imeout)|DistStoreError|RendezvousTimeoutError"
+)
+_COLLECTIVE_CAUSE = "Training failed in a collective operation"
 
 
 class GPUTrainingFailure(AirflowException):
@@ -132,9 +139,21 @@ def triage(pod: Any, container: str, log_tail: Sequence[str], ctx: TriageContext
             f"Training container was OOMKilled: it exceeded its memory limit ({ctx.memory or 'none set'}).\n"
             "Likely fix: raise memory=, or lower the DataLoader's num_workers / batch size in hyperparameters=."
         )
+    if _NCCL_ERROR.search(text):
+        return (
+            f"{_COLLECTIVE_CAUSE} (NCCL error or timeout in the trainer's last log lines).\n"
+            "Likely fix: when another node failed first, its own error is the cause; otherwise check that "
+            "the nodes reach each other on every port (NetworkPolicy, the job's headless service), rerun "
+            "with NCCL_DEBUG=INFO in env_vars=, and pin NCCL_SOCKET_IFNAME when nodes have several networks."
+        )
     if _BUS_ERROR.search(text):
         return (
             f"Training crashed with 'Bus error' (shared memory /dev/shm is too small: {ctx.shm_size or 'none'}).\n"
             "Likely fix: raise shm_size= (PyTorch DataLoader workers pass batches through /dev/shm)."
         )
     return None
+
+
+def is_collective_failure(cause: str) -> bool:
+    """Whether a triage result is the NCCL one (often the echo of another node's failure)."""
+    return cause.startswith(_COLLECTIVE_CAUSE)

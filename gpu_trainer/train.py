@@ -16,12 +16,12 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.nn.functional as F
 
-from gpu_trainer import checkpoint, contract, runtime
+from gpu_trainer import checkpoint, contract, preemption, runtime
 from gpu_trainer.config import TrainConfig, resolve_config
 from gpu_trainer.data import Dataset, Split, epoch_indices, iterate_batches, load_dataset, pin
 from gpu_trainer.errors import TrainerError, run_cli
@@ -42,7 +42,8 @@ class TrainOutcome:
     """What :func:`train` returns (rank 0 also wrote it as the result JSON).
 
     :param result: the contract result (None on ranks other than 0).
-    :param loop_seconds: wall time of the epoch loop (training, validation, checkpoints, metric logging).
+    :param loop_seconds: wall time of the epoch loop (training, validation, checkpoints, metric logging);
+        the last epoch's checkpoint write is not in it: it overlaps the model upload in the finalize step.
     :param samples_trained: training samples processed in this process's loop, all ranks together.
     """
 
@@ -84,12 +85,20 @@ def _config_record(cfg: TrainConfig, precision: str, dataset: Dataset) -> dict[s
     return record
 
 
-def train(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> TrainOutcome:
+def train(
+    cfg: TrainConfig,
+    environ: Mapping[str, str] | None = None,
+    *,
+    notice: preemption.StopNotice | None = None,
+) -> TrainOutcome:
     """Run (or resume) one training job as described by ``cfg``.
 
     :param cfg: the resolved configuration.
     :param environ: the environment (``MLTRAIN_LINEAGE``, torchrun's variables); ``os.environ`` when None.
+    :param notice: the process's SIGTERM notice (the entry point installs it); None never stops early.
     :raises TrainerError: for bad data, incompatible or unreadable checkpoints, divergence.
+    :raises preemption.TrainingPreempted: after a SIGTERM, once the checkpoint of the step every rank
+        stopped after is written and the MLflow run is marked KILLED.
     """
     env = os.environ if environ is None else environ
     info = runtime.dist_info(env)
@@ -97,7 +106,7 @@ def train(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> TrainOu
     device = runtime.pick_device(cfg.device, info)
     runtime.init_distributed(info, device)
     try:
-        return _train(cfg, env, info, device)
+        return _train(cfg, env, info, device, notice)
     finally:
         if info.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -113,6 +122,9 @@ class _Job:
     :param record: the configuration a checkpoint must match to be resumed (:func:`_config_record`).
     :param tracker: MLflow tracking; rank 0 only (None elsewhere).
     :param writer: the background checkpoint writer; rank 0 with a checkpoint directory only.
+    :param vote: decides, the same on every rank, when a SIGTERM stops training.
+    :param cpu_group: a gloo process group for small host-side collectives (per-rank checkpoint
+        state); None in a single process.
     """
 
     cfg: TrainConfig
@@ -131,6 +143,8 @@ class _Job:
     batches_per_epoch: int
     tracker: Tracker | None
     writer: checkpoint.CheckpointWriter | None
+    vote: preemption.StopVote
+    cpu_group: Any = None
 
 
 @dataclasses.dataclass
@@ -163,18 +177,30 @@ class _Progress:
 
 
 def _train(
-    cfg: TrainConfig, env: Mapping[str, str], info: runtime.DistInfo, device: torch.device
+    cfg: TrainConfig,
+    env: Mapping[str, str],
+    info: runtime.DistInfo,
+    device: torch.device,
+    notice: preemption.StopNotice | None,
 ) -> TrainOutcome:
     """Prepare (data, model, restore, tracking), then the epoch loop, then finalize."""
-    job, progress = _prepare(cfg, env, info, device)
+    job, progress = _prepare(cfg, env, info, device, notice)
     loop_start = time.perf_counter()
     try:
         for epoch in range(progress.epoch, cfg.epochs):
             _run_epoch(job, progress, epoch)
-        if job.writer is not None:
-            job.writer.wait()  # the last checkpoint is on disk before the run counts as trained
+        if job.vote.settle():
+            # SIGTERM during the last epoch's validation: its checkpoint is the one to resume from.
+            _stop_preempted(job, progress, None)
+        # The last epoch's checkpoint is still being written: _finalize waits for it after the model
+        # upload, which it overlaps (on a large model both take seconds).
         loop_seconds = time.perf_counter() - loop_start
         return _finalize(job, progress, loop_seconds)
+    except preemption.TrainingPreempted:
+        if job.tracker is not None:
+            # KILLED is MLflow's status for an interrupted run; the restart reopens it (RUNNING again).
+            job.tracker.end_quietly(status="KILLED")
+        raise
     except BaseException:
         if job.writer is not None:
             # Let a checkpoint in flight land: the retry resumes from it. Its own error would only
@@ -187,7 +213,11 @@ def _train(
 
 
 def _prepare(
-    cfg: TrainConfig, env: Mapping[str, str], info: runtime.DistInfo, device: torch.device
+    cfg: TrainConfig,
+    env: Mapping[str, str],
+    info: runtime.DistInfo,
+    device: torch.device,
+    notice: preemption.StopNotice | None,
 ) -> tuple[_Job, _Progress]:
     """Load the data, build the model and optimizer, restore the latest checkpoint, start tracking."""
     lineage = contract.parse_lineage(env.get(contract.ENV_LINEAGE))
@@ -219,7 +249,7 @@ def _prepare(
     optimizer = _make_optimizer(cfg, core.parameters(), device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
-    progress = _restore(cfg, record, core, optimizer, scaler)
+    progress = _restore(cfg, record, core, optimizer, scaler, info)
 
     model: Any = core
     if info.distributed:
@@ -260,6 +290,14 @@ def _prepare(
                 "checkpoint saved: %s (epoch %d, step %d)", path, state["epoch"], state["global_step"]
             ),
         )
+    cpu_group = None
+    if info.distributed:
+        # Created on every rank at the same point (group creation is collective).
+        cpu_group = (
+            torch.distributed.group.WORLD
+            if torch.distributed.get_backend() == "gloo"
+            else torch.distributed.new_group(backend="gloo")
+        )
     job = _Job(
         cfg=cfg,
         info=info,
@@ -277,6 +315,8 @@ def _prepare(
         batches_per_epoch=batches_per_epoch,
         tracker=tracker,
         writer=writer,
+        vote=preemption.StopVote(notice, group=cpu_group),
+        cpu_group=cpu_group,
     )
     return job, progress
 
@@ -287,8 +327,12 @@ def _restore(
     core: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
+    info: runtime.DistInfo,
 ) -> _Progress:
     """Load the latest checkpoint of ``cfg.checkpoint_dir`` into the model, optimizer and scaler.
+
+    A mid-epoch checkpoint written under DDP holds each rank's running loss and RNG state: each rank
+    continues its own (with another world size, rank 0's, as before).
 
     :returns: the progress it recorded; a fresh start when there is none.
     :raises TrainerError: when the checkpoint was written by another configuration or model.
@@ -304,6 +348,9 @@ def _restore(
         scaler.load_state_dict(state["scaler"])
     except (RuntimeError, KeyError, ValueError) as err:
         raise TrainerError(f"checkpoint {path} does not fit this model: {err}") from err
+    ranks = state.get("ranks")
+    if ranks and len(ranks) == info.world_size:
+        state = {**state, "partial": ranks[info.rank]["partial"], "rng": ranks[info.rank]["rng"]}
     progress = _Progress(
         epoch=int(state["epoch"]),
         skip_batches=int(state["step_in_epoch"]),
@@ -355,10 +402,30 @@ def _start_tracking(
     return tracker
 
 
+def _rank_states(job: _Job, loss_sum: float, count: int) -> list[dict[str, Any]] | None:
+    """Every rank's running loss and RNG state, for rank 0's mid-epoch checkpoint (a collective: every
+    rank calls it at the same step); None in a single process, whose state is the checkpoint's own."""
+    if job.cpu_group is None:
+        return None
+    mine = {"partial": {"loss_sum": loss_sum, "count": count}, "rng": runtime.rng_state()}
+    gathered: list[Any] = [None] * job.info.world_size
+    torch.distributed.all_gather_object(gathered, mine, group=job.cpu_group)
+    return gathered
+
+
 def _save_checkpoint(
-    job: _Job, progress: _Progress, epoch: int, step_in_epoch: int, loss_sum: float, count: int
+    job: _Job,
+    progress: _Progress,
+    epoch: int,
+    step_in_epoch: int,
+    loss_sum: float,
+    count: int,
+    ranks: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Hand the full training state to the background writer (rank 0 with a checkpoint directory)."""
+    """Hand the full training state to the background writer (rank 0 with a checkpoint directory).
+
+    :param ranks: each rank's running loss and RNG state at a mid-epoch position (:func:`_rank_states`).
+    """
     if job.writer is None:
         return
     state = {
@@ -375,7 +442,61 @@ def _save_checkpoint(
         "run_id": progress.run_id,
         "pending_metrics": job.tracker.pending_metrics() if job.tracker is not None else [],
     }
+    if ranks is not None:
+        state["ranks"] = ranks
     job.writer.submit(state, global_step=progress.global_step)
+
+
+def _stop_preempted(job: _Job, progress: _Progress, position: tuple[int, int, float, int] | None) -> NoReturn:
+    """After a SIGTERM, on every rank: checkpoint where training stands, synchronously, then stop.
+
+    :param position: (epoch, step within it, running loss sum, sample count) after the step every rank
+        stopped after; None when the epoch-end checkpoint already submitted is that position.
+    :raises preemption.TrainingPreempted: always, once the checkpoint is on disk.
+    """
+    start = time.perf_counter()
+    if position is not None:
+        epoch, step_in_epoch, loss_sum, count = position
+        ranks = _rank_states(job, loss_sum, count)
+        _save_checkpoint(job, progress, epoch, step_in_epoch, loss_sum, count, ranks)
+    if job.writer is not None:
+        job.writer.wait()  # the background write in flight, or the one just submitted
+    written_in = time.perf_counter() - start
+    job.vote.barrier()
+    notice = job.vote.notice
+    since_signal = (
+        f"{time.monotonic() - notice.received_at:.2f} s after the signal"
+        if notice is not None and notice.received_at is not None
+        else "signal received by another rank"
+    )
+    where = (
+        "" if position is None else f" (epoch {position[0] + 1}, step {position[1]}/{job.batches_per_epoch})"
+    )
+    if job.writer is not None:
+        log.warning(
+            "SIGTERM: checkpoint at step %d%s written in %.2f s (%s); exiting %d: preempted, "
+            "a restart resumes from this checkpoint (size the pod's terminationGracePeriodSeconds from these times)",
+            progress.global_step,
+            where,
+            written_in,
+            since_signal,
+            contract.PREEMPTED_EXIT_CODE,
+        )
+    elif job.info.is_main:
+        log.warning(
+            "SIGTERM: stopped after step %d%s (%s) with no checkpoint directory, so a restart starts over; "
+            "exiting %d",
+            progress.global_step,
+            where,
+            since_signal,
+            contract.PREEMPTED_EXIT_CODE,
+        )
+    else:
+        log.warning(
+            "SIGTERM: stopped after step %d with every rank; rank 0 wrote the checkpoint",
+            progress.global_step,
+        )
+    raise preemption.TrainingPreempted(progress.global_step)
 
 
 def _run_epoch(job: _Job, progress: _Progress, epoch: int) -> None:
@@ -463,7 +584,10 @@ def _train_epoch(job: _Job, progress: _Progress, epoch: int, epoch_start: float)
         # Epoch ends checkpoint in _end_epoch, after validation; here only mid-epoch positions.
         at_interval = cfg.checkpoint_every_steps and progress.global_step % cfg.checkpoint_every_steps == 0
         if at_interval and step_in_epoch < batches_per_epoch:
-            _save_checkpoint(job, progress, epoch, step_in_epoch, float(loss_sum.item()), count)
+            ranks = _rank_states(job, float(loss_sum.item()), count)
+            _save_checkpoint(job, progress, epoch, step_in_epoch, float(loss_sum.item()), count, ranks)
+        if job.vote.after_step():
+            _stop_preempted(job, progress, (epoch, step_in_epoch, float(loss_sum.item()), count))
     progress.skip_batches = 0
     totals = torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
     if info.distributed:
@@ -548,6 +672,8 @@ def _finalize(job: _Job, progress: _Progress, loop_seconds: float) -> TrainOutco
     tracker.log_figures(progress.history, last_eval.confusion)
     example = job.dataset.val.features[: min(5, len(job.dataset.val))]
     model_uri = tracker.log_model(job.core, example)
+    if job.writer is not None:
+        job.writer.wait()  # the last epoch's checkpoint, written while the model uploaded
     result = contract.make_result(
         run_id=progress.run_id,
         model_uri=model_uri,
@@ -573,7 +699,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # This process is the trainer alone, so MLflow's HTTP limits can be set in its environment.
     bound_tracking_requests(os.environ)
-    return run_cli(lambda: train(resolve_config(sys.argv[1:] if argv is None else argv, os.environ)))
+    # Before anything slow: a SIGTERM during start-up is a preemption too (stops after the first step).
+    notice = preemption.StopNotice().install()
+    try:
+        return run_cli(
+            lambda: train(resolve_config(sys.argv[1:] if argv is None else argv, os.environ), notice=notice)
+        )
+    except preemption.TrainingPreempted:
+        return contract.PREEMPTED_EXIT_CODE
+    finally:
+        notice.uninstall()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,296 @@
+"""A preempted training pod is replaced, not failed: GPUTrainingPodOperator over HTTP against the emulator.
+
+The operator runs KubernetesPodOperator's real code with the real ``kubernetes`` client (and, deferrable,
+the real ``KubernetesPodTrigger`` with ``kubernetes_asyncio``) against the Kubernetes API emulator
+(:mod:`tests.fixtures.k8s_emulator`). The test plays scheduler and kubelet (:class:`Kubelet`): it binds each
+created pod to a node, runs it, and ends it the way the scenario says (a ``DisruptionTarget`` eviction, a
+node shutdown, the pod vanishing with its node, a crash, success). Only the XCom read is replaced: it is an
+``exec`` into the sidecar over a websocket, which the emulator does not serve; the stand-in returns the
+result the kubelet stored on that very pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from airflow.exceptions import AirflowException, TaskDeferred
+
+from airflow_provider_mltrain.operators._preemption import PREEMPTIONS_EVENT_KEY
+from airflow_provider_mltrain.operators._triage import GPUTrainingFailure
+from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
+from gpu_trainer import contract
+from tests.fixtures.gpu_operator import IMAGE, make_context
+from tests.fixtures.k8s_emulator import KubernetesEmulator
+
+RESULT = contract.make_result(
+    run_id="resumed-run",
+    model_uri="runs:/resumed-run/model",
+    metrics={"val_accuracy": 0.97, "val_loss": 0.1, "train_loss": 0.05, "val_f1": 0.96},
+    params={"lr": 0.01},
+    resumed_from_epoch=2,
+)
+RESULT_ANNOTATION = "test.mltrain/result"
+SIDECAR = "airflow-xcom-sidecar"
+
+
+def _container(name: str, state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": IMAGE,
+        "imageID": "",
+        "ready": "running" in state,
+        "restartCount": 0,
+        "state": state,
+    }
+
+
+class Kubelet:
+    """Plays scheduler and kubelet in the emulator: each created pod runs on a node of its own, and after
+    ``reads`` GETs of it ends as the next of ``endings`` says.
+
+    :param endings: per created pod, in order: ``preempted`` (DisruptionTarget PreemptionByScheduler),
+        ``node_shutdown`` (kubelet's graceful node shutdown, no condition), ``vanished_with_node``,
+        ``vanished`` (the pod deleted, its node still there), ``crashed`` (exit 1), ``succeeded``.
+    """
+
+    def __init__(self, emulator: KubernetesEmulator, endings: list[str], *, reads: int = 3) -> None:
+        self.emulator = emulator
+        self.endings = list(endings)
+        self.reads_before_end = reads
+        self.created: list[dict[str, Any]] = []
+        self._reads: dict[str, int] = {}
+        self._ending: dict[str, str] = {}
+        emulator.on_create("pods", self._start)
+        emulator.on_read("pods", self._advance)
+
+    def _start(self, emulator: KubernetesEmulator, pod: dict[str, Any]) -> None:
+        name = pod["metadata"]["name"]
+        node = f"spot-node-{len(self.created)}"
+        self.created.append(pod)
+        self._ending[name] = self.endings[len(self.created) - 1]
+        # Nodes are cluster-scoped: namespace "" (what GET /api/v1/nodes/<name> looks up).
+        emulator.create(
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "namespace": ""}}, plural="nodes"
+        )
+        emulator.patch(
+            "pods",
+            name,
+            {
+                "spec": {"nodeName": node},
+                "status": {
+                    "phase": "Running",
+                    "conditions": [{"type": "PodScheduled", "status": "True"}],
+                    "containerStatuses": [
+                        _container("base", {"running": {}}),
+                        _container(SIDECAR, {"running": {}}),
+                    ],
+                },
+            },
+        )
+
+    def _advance(self, emulator: KubernetesEmulator, pod: dict[str, Any]) -> None:
+        name = pod["metadata"]["name"]
+        self._reads[name] = self._reads.get(name, 0) + 1
+        if self._reads[name] != self.reads_before_end:
+            return
+        ending = self._ending[name]
+        node = pod["spec"]["nodeName"]
+        if ending.startswith("vanished"):
+            emulator.delete("pods", name)
+            if ending == "vanished_with_node":
+                emulator.delete("nodes", node, namespace="")
+            return
+        status: dict[str, Any]
+        if ending == "succeeded":
+            status = {
+                "phase": "Running",  # the sidecar still serves the result
+                "containerStatuses": [
+                    _container("base", {"terminated": {"exitCode": 0, "reason": "Completed"}}),
+                    _container(SIDECAR, {"running": {}}),
+                ],
+            }
+            emulator.patch(
+                "pods", name, {"metadata": {"annotations": {RESULT_ANNOTATION: json.dumps(RESULT)}}}
+            )
+        else:
+            status = {
+                "phase": "Failed",
+                "containerStatuses": [
+                    _container("base", {"terminated": {"exitCode": 143 if ending != "crashed" else 1}}),
+                    _container(SIDECAR, {"terminated": {"exitCode": 0}}),
+                ],
+            }
+            if ending == "preempted":
+                status["conditions"] = [
+                    {"type": "PodScheduled", "status": "True"},
+                    {
+                        "type": "DisruptionTarget",
+                        "status": "True",
+                        "reason": "PreemptionByScheduler",
+                        "message": "Preempted in order to admit critical pod",
+                    },
+                ]
+            elif ending == "node_shutdown":
+                status["reason"] = "Terminated"
+                status["message"] = "Pod was terminated in response to imminent node shutdown."
+        emulator.patch("pods", name, {"status": status})
+
+    def checkpoint_dirs(self) -> list[str]:
+        return [
+            next(
+                e["value"]
+                for e in pod["spec"]["containers"][0]["env"]
+                if e["name"] == contract.ENV_CHECKPOINT_DIR
+            )
+            for pod in self.created
+        ]
+
+
+@pytest.fixture
+def xcom_from_pod(k8s_emulator: KubernetesEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sidecar ``exec`` stand-in: the result the kubelet stored on the pod, or the sidecar is gone."""
+    from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager
+
+    def extract_xcom(self: PodManager, pod: Any, **kwargs: Any) -> str:
+        stored = k8s_emulator.get("pods", pod.metadata.name)
+        annotations = stored["metadata"].get("annotations") or {}
+        if RESULT_ANNOTATION not in annotations:
+            raise AirflowException(f"xcom sidecar of pod {pod.metadata.name} is not running")
+        return annotations[RESULT_ANNOTATION]
+
+    monkeypatch.setattr(PodManager, "extract_xcom", extract_xcom)
+
+
+def make_op(**kwargs: Any) -> GPUTrainingPodOperator:
+    kwargs.setdefault("max_preemptions", 3)
+    return GPUTrainingPodOperator(
+        task_id="train",
+        image=IMAGE,
+        namespace="default",
+        kubernetes_conn_id="kubernetes_default",
+        get_logs=False,
+        log_events_on_startup=False,
+        unschedulable_timeout_seconds=None,
+        base_container_status_polling_interval=0.02,
+        startup_check_interval_seconds=1,
+        poll_interval=0.05,
+        **kwargs,
+    )
+
+
+async def _first_event(trigger: Any) -> dict[str, Any]:
+    async for event in trigger.run():
+        return event.payload
+    raise AssertionError("the trigger ended without an event")
+
+
+def run_deferrable(context: dict[str, Any], **kwargs: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """Execute, then for each deferral run the real trigger and resume a NEW operator object with its
+    event, as the triggerer and the task runner do. Returns the result and the deferrals' trigger kwargs."""
+    deferrals: list[dict[str, Any]] = []
+    op = make_op(deferrable=True, **kwargs)
+    step: Any = lambda: op.execute(context)  # noqa: E731
+    for _ in range(10):
+        try:
+            return step(), deferrals
+        except TaskDeferred as deferred:
+            assert deferred.method_name == "trigger_reentry"
+            deferrals.append(dict(deferred.trigger.trigger_kwargs))
+            event = asyncio.run(asyncio.wait_for(_first_event(deferred.trigger), timeout=30))
+            resumed = make_op(deferrable=True, **kwargs)
+            step = lambda resumed=resumed, event=event: resumed.trigger_reentry(context, event)  # noqa: E731
+    raise AssertionError("more than 10 deferrals")
+
+
+def run(mode: str, context: dict[str, Any], **kwargs: Any) -> Any:
+    if mode == "sync":
+        return make_op(**kwargs).execute(context)
+    return run_deferrable(context, **kwargs)[0]
+
+
+def logged(caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> str:
+    """The task log, wherever Airflow's logging sends it (stdlib records or structlog's stdout)."""
+    return caplog.text + "".join(capfd.readouterr())
+
+
+@pytest.fixture(params=["sync", "deferrable"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_preempted_pod_is_replaced_and_the_try_succeeds(k8s_emulator, xcom_from_pod, mode, caplog, capfd):
+    kubelet = Kubelet(k8s_emulator, ["preempted", "succeeded"])
+    context = make_context(try_number=1)
+    caplog.set_level("WARNING")
+
+    result = run(mode, context)
+
+    assert result == RESULT
+    assert len(kubelet.created) == 2
+    first, second = kubelet.created
+    # A fresh pod for the same task instance and checkpoint: same labels (try_number 1 both), new name.
+    assert second["metadata"]["name"] != first["metadata"]["name"]
+    assert second["metadata"]["labels"] == first["metadata"]["labels"]
+    assert first["metadata"]["labels"]["try_number"] == "1"
+    dirs = kubelet.checkpoint_dirs()
+    assert dirs[0] == dirs[1]
+    # The preempted pod is gone, whatever on_finish_action says; so is the finished one (delete_pod).
+    assert not k8s_emulator.exists("pods", first["metadata"]["name"])
+    assert ("pods", "default", first["metadata"]["name"]) in [d[:3] for d in k8s_emulator.deletions]
+    assert (
+        f"Pod {first['metadata']['name']} was preempted (PreemptionByScheduler: Preempted in order to admit "
+        f"critical pod); starting replacement 1 of 3 from the checkpoint in {dirs[0]}"
+    ) in logged(caplog, capfd)
+
+
+def test_deferrable_count_travels_through_the_trigger(k8s_emulator, xcom_from_pod):
+    Kubelet(k8s_emulator, ["preempted", "preempted", "succeeded"])
+    result, deferrals = run_deferrable(make_context(), max_preemptions=2)
+    assert result == RESULT
+    # The first trigger carries no count; each replacement's trigger carries the count so far.
+    assert [d.get(PREEMPTIONS_EVENT_KEY) for d in deferrals] == [None, 1, 2]
+
+
+def test_limit_exceeded_fails_clearly_naming_the_count(k8s_emulator, xcom_from_pod, mode):
+    kubelet = Kubelet(k8s_emulator, ["preempted", "preempted"])
+    with pytest.raises(
+        GPUTrainingFailure, match=r"after 1 replacement pod\(s\) in this try: max_preemptions=1"
+    ):
+        run(mode, make_context(), max_preemptions=1)
+    assert len(kubelet.created) == 2
+    assert k8s_emulator.list("pods") == []
+
+
+def test_max_preemptions_zero_fails_on_the_first(k8s_emulator, xcom_from_pod):
+    kubelet = Kubelet(k8s_emulator, ["preempted", "succeeded"])
+    with pytest.raises(GPUTrainingFailure, match=r"max_preemptions=0 is spent"):
+        run("sync", make_context(), max_preemptions=0)
+    assert len(kubelet.created) == 1
+
+
+@pytest.mark.parametrize("ending", ["node_shutdown", "vanished_with_node"])
+def test_node_shutdown_and_vanished_node_are_preemptions(
+    k8s_emulator, xcom_from_pod, ending, mode, caplog, capfd
+):
+    kubelet = Kubelet(k8s_emulator, [ending, "succeeded"])
+    caplog.set_level("WARNING")
+    assert run(mode, make_context()) == RESULT
+    assert len(kubelet.created) == 2
+    reason = (
+        "Terminated: Pod was terminated in response to imminent node shutdown."
+        if ending == "node_shutdown"
+        else ("PodVanishedWithNode: the pod and its node spot-node-0 are gone from the cluster")
+    )
+    assert f"was preempted ({reason}); starting replacement 1 of 3" in logged(caplog, capfd)
+
+
+@pytest.mark.parametrize("ending", ["crashed", "vanished"])
+def test_a_crash_or_a_deleted_pod_on_a_live_node_is_not_replaced(k8s_emulator, xcom_from_pod, ending, mode):
+    kubelet = Kubelet(k8s_emulator, [ending, "succeeded"])
+    with pytest.raises(AirflowException) as failure:
+        run(mode, make_context())
+    assert not isinstance(failure.value, GPUTrainingFailure) or "preempted" not in str(failure.value)
+    assert len(kubelet.created) == 1

@@ -34,10 +34,6 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"
 #: The Indexed Job's completion index of a pod: its node rank.
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-#: The leader's result channel: global rank 0 writes its contract result to the container's termination
-#: message (no exec into pods, no sidecar; the API keeps it after the pod ends). The kubelet keeps at most
-#: 4 KiB of it: the reading side (the lifecycle module) owns what happens to a larger result.
-TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 #: The owner of the TrainJob's runtime patch (any stable name; Kubeflow Trainer keys patches by it).
 PATCH_MANAGER = "airflow-provider-mltrain"
 #: Labels identifying the Airflow task instance (KubernetesPodOperator's keys, so existing tooling and

@@ -23,6 +23,15 @@ from airflow_provider_mltrain.operators import _manifests as manifests
 from airflow_provider_mltrain.operators import _pod_spec as spec
 from airflow_provider_mltrain.operators._arguments import check_arguments
 from airflow_provider_mltrain.operators._pod_template import TrainingPodParams, apply_training_template
+from airflow_provider_mltrain.operators._training_job import (
+    JOBSET,
+    TRAINJOB,
+    TrainingJobClient,
+    TrainingJobLifecycle,
+    WaitPolicy,
+)
+from airflow_provider_mltrain.operators._triage import TriageContext
+from airflow_provider_mltrain.triggers.training_job import TrainingJobTrigger
 from gpu_trainer import contract
 
 if TYPE_CHECKING:
@@ -140,8 +149,6 @@ def _check_shared_checkpoint(args: Mapping[str, Any], out: Mapping[str, Any]) ->
     num_nodes = out.get("num_nodes")
     if not isinstance(num_nodes, int) or num_nodes <= 1:
         return
-    if "checkpoint_uri" not in args and "checkpoint_volume" not in args:
-        return  # partial() without either: the constructor sees the defaults and decides
     if args.get("checkpoint_uri") is not None:
         return
     volume = out.get("checkpoint_volume")
@@ -214,6 +221,7 @@ class DistributedTrainingOperator(BaseOperator):
     :param service_account_name: the node pods' service account (e.g. one with a cloud identity).
     :param image_pull_secrets: Secrets to pull the image with (names, comma-separated, or references).
     :param local_kill_grace_seconds: local launcher: seconds between SIGTERM and SIGKILL.
+    :param poll_interval: seconds between reads of the job and its pods while waiting (both modes).
     """
 
     template_fields: Sequence[str] = (
@@ -274,6 +282,7 @@ class DistributedTrainingOperator(BaseOperator):
         service_account_name: str | None = None,
         image_pull_secrets: str | list[k8s.V1LocalObjectReference] | None = None,
         local_kill_grace_seconds: float = 10.0,
+        poll_interval: float = 10.0,
         **kwargs: Any,
     ) -> None:
         checked = check_distributed_arguments(
@@ -349,6 +358,14 @@ class DistributedTrainingOperator(BaseOperator):
         self.service_account_name = service_account_name
         self.image_pull_secrets = image_pull_secrets
         self.local_kill_grace_seconds = checked["local_kill_grace_seconds"]
+        if (
+            isinstance(poll_interval, bool)
+            or not isinstance(poll_interval, (int, float))
+            or not poll_interval > 0
+        ):
+            raise _bad("poll_interval", poll_interval, "expected a number of seconds > 0")
+        self.poll_interval = float(poll_interval)
+        self._job_name: str | None = None
 
     @classmethod
     def partial(cls, **kwargs: Any) -> Any:
@@ -477,9 +494,11 @@ class DistributedTrainingOperator(BaseOperator):
             command=manifests.multinode_command(self.cmds),
             args=list(self.arguments) if self.arguments else None,
             env=convert_env_vars(self.env_vars) if self.env_vars else [],
-            # The leader's result channel (see _manifests.TERMINATION_MESSAGE_PATH); Kubernetes' default
-            # path, stated so the trainer's MLTRAIN_RESULT_PATH and the pod agree by construction.
-            termination_message_path=manifests.TERMINATION_MESSAGE_PATH,
+            # The leader's result channel: rank 0 writes its result to the termination message (no exec,
+            # no sidecar; the API keeps it after the pod ends; the lifecycle module reads it and owns the
+            # fallback past the kubelet's 4 KiB). Kubernetes' default path, stated so the trainer's
+            # MLTRAIN_RESULT_PATH and the pod agree by construction.
+            termination_message_path=contract.TERMINATION_MESSAGE_PATH,
             termination_message_policy="File",
         )
         pod_spec = k8s.V1PodSpec(
@@ -497,7 +516,7 @@ class DistributedTrainingOperator(BaseOperator):
             pod_spec,
             container,
             self.pod_params(),
-            self.contract_env(context, result_path=manifests.TERMINATION_MESSAGE_PATH),
+            self.contract_env(context, result_path=contract.TERMINATION_MESSAGE_PATH),
         )
         if self.backend == "jobset":
             name = self.resource_name(context)
@@ -541,7 +560,79 @@ class DistributedTrainingOperator(BaseOperator):
 
         print(yaml.safe_dump(self.build_manifest(), sort_keys=False))
 
+    # -- the lifecycle (operators/_training_job.py) ---------------------------------------------------
+
     def execute(self, context: Context) -> Any:
-        # The lifecycle (create or re-attach, wait sync or deferred, result, delete) is wired in by the
-        # lifecycle module; until then this operator only builds manifests.
-        raise NotImplementedError("DistributedTrainingOperator.execute: the lifecycle is not wired in yet")
+        if self.resolve_launcher() == "local":
+            return self._execute_local(context)
+        lifecycle = self._lifecycle
+        self._job_name = lifecycle.start(self.build_manifest(context), self.task_labels(context))
+        if self.deferrable:
+            self.defer(
+                trigger=TrainingJobTrigger(
+                    name=self._job_name,
+                    namespace=lifecycle.client.namespace,
+                    group=lifecycle.kind.group,
+                    version=lifecycle.kind.version,
+                    plural=lifecycle.kind.plural,
+                    kind=lifecycle.kind.kind,
+                    policy=lifecycle.policy.serialize(),
+                    kubernetes_conn_id=self.kubernetes_conn_id,
+                ),
+                method_name="execute_complete",
+            )
+        return self._publish(context, lifecycle.conclude(lifecycle.wait(self._job_name)))
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        """The trigger's end of the wait: the result, or the failure named with its cause and fix."""
+        self._job_name = event.get("name")
+        return self._publish(context, self._lifecycle.conclude(event))
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
+        # The triggerer's timeout (execution_timeout while deferred) resumes the task only to fail it: the
+        # job would go on holding its GPUs, so delete it first.
+        if next_method == "__fail__" and self.resolve_launcher() != "local":
+            for job in self._lifecycle.client.find(self.task_labels(context)):
+                self._lifecycle.kill(job["metadata"]["name"])
+        return super().resume_execution(next_method, next_kwargs, context)
+
+    def on_kill(self) -> None:
+        """Kill and execution_timeout: delete the job with foreground propagation (its pods go first)."""
+        name = getattr(self, "_job_name", None)
+        if name and self.resolve_launcher() != "local":
+            self._lifecycle.kill(name)
+
+    @cached_property
+    def _lifecycle(self) -> TrainingJobLifecycle:
+        """This execution's lifecycle: one Kubernetes client (one connection look-up)."""
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        hook = KubernetesHook(conn_id=self.kubernetes_conn_id)
+        namespace = self.namespace or hook.get_namespace() or "default"
+        client = TrainingJobClient(
+            hook.get_conn(), TRAINJOB if self.backend == "trainjob" else JOBSET, namespace
+        )
+        policy = WaitPolicy(
+            poll_interval_s=self.poll_interval,
+            admission_timeout_s=self.admission_timeout_seconds,
+            unschedulable_timeout_s=self.unschedulable_timeout_seconds,
+            max_restarts=self.max_restarts,
+        )
+        shm = None if self.shm_size is None or isinstance(self.shm_size, bool) else str(self.shm_size)
+        triage_context = TriageContext(
+            gpus=self.gpus,
+            gpu_resource=self.gpu_resource,
+            gpu_type=tuple(self.gpu_type),
+            gpu_type_label=self.gpu_type_label,
+            image=self.image,
+            memory=str(self.memory) if self.memory else None,
+            shm_size=shm,
+        )
+        return TrainingJobLifecycle(client, policy, triage_context, self.log)
+
+    def _publish(self, context: Context, result: dict[str, Any]) -> dict[str, Any]:
+        """Push the validated result's parts under the pod operator's XCom keys; return the whole."""
+        ti = context["ti"]
+        for key in ("run_id", "model_uri", "metrics"):
+            ti.xcom_push(key=key, value=result[key])
+        return result

@@ -172,7 +172,6 @@ def make_op(**kwargs: Any) -> GPUTrainingPodOperator:
         namespace="default",
         kubernetes_conn_id="kubernetes_default",
         get_logs=False,
-        log_events_on_startup=False,
         unschedulable_timeout_seconds=None,
         base_container_status_polling_interval=0.02,
         startup_check_interval_seconds=1,

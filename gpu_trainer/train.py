@@ -338,6 +338,8 @@ def _restore(
     :raises TrainerError: when the checkpoint was written by another configuration or model.
     """
     found = checkpoint.load_latest(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if info.distributed:
+        _check_same_checkpoint(found[0] if found else None, cfg.checkpoint_dir, info)
     if found is None:
         return _Progress()
     path, state = found
@@ -371,6 +373,24 @@ def _restore(
         progress.global_step,
     )
     return progress
+
+
+def _check_same_checkpoint(path: str | None, directory: str | None, info: runtime.DistInfo) -> None:
+    """Every rank resumes from the same checkpoint, or the job stops here.
+
+    A rank that sees another checkpoint, or none (a checkpoint directory local to each node), would train
+    other epochs than its peers and hang the job in their next collective.
+
+    :raises TrainerError: on every rank, naming what each one sees.
+    """
+    views: list[str | None] = [None] * info.world_size
+    torch.distributed.all_gather_object(views, os.path.basename(path) if path else None)
+    if len(set(views)) > 1:
+        seen = ", ".join(f"rank {rank}: {view or 'none'}" for rank, view in enumerate(views))
+        raise TrainerError(
+            f"the ranks see different checkpoints in {directory} ({seen}): every node must see the same "
+            "checkpoint directory (checkpoint_uri, or a ReadWriteMany volume)"
+        )
 
 
 def _start_tracking(

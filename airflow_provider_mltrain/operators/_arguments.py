@@ -30,6 +30,7 @@ NOT_TEMPLATED = (
     "distributed",
     "nproc_per_node",
     "launcher",
+    "queue_name",
     "unschedulable_timeout_seconds",
     "local_kill_grace_seconds",
     "max_preemptions",
@@ -158,6 +159,8 @@ def check_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
             args.get("distributed"),
             "with gpus=0, set nproc_per_node= (one process per GPU needs GPUs)",
         )
+    if known("queue_name"):
+        spec.check_kueue_name("queue_name", args["queue_name"])
     if known("launcher") and args["launcher"] is not None and args["launcher"] not in spec.LAUNCHERS:
         raise spec.bad_param("launcher", args["launcher"], f"expected one of {list(spec.LAUNCHERS)} or None")
     grace = args.get("local_kill_grace_seconds")

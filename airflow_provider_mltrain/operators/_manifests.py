@@ -32,6 +32,8 @@ NODE_NAME = "node"
 #: Kueue: the LocalQueue a workload is submitted to, and its WorkloadPriorityClass.
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"
+#: The scheduling gate Kueue's pod integration holds a queued pod behind until it admits it.
+ADMISSION_GATE = "kueue.x-k8s.io/admission"
 #: The Indexed Job's completion index of a pod: its node rank.
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 #: The owner of the TrainJob's runtime patch (any stable name; Kubeflow Trainer keys patches by it).

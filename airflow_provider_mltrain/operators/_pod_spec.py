@@ -254,6 +254,24 @@ def check_checkpoint_volume(value: Any) -> dict[str, str] | None:
     return checked
 
 
+#: Kueue object names (LocalQueue, WorkloadPriorityClass) travel as label values: <= 63 lowercase characters.
+_KUEUE_NAME = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def check_kueue_name(name: str, value: Any) -> str | None:
+    """A Kueue LocalQueue or WorkloadPriorityClass name, used as a label value; None for none."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _KUEUE_NAME.match(value):
+        raise bad_param(
+            name,
+            value,
+            "expected a Kueue object name usable as a label value (<= 63 lowercase letters, digits, '-' "
+            "and '.', starting and ending with a letter or digit) or None",
+        )
+    return value
+
+
 def check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
         return None

@@ -3,16 +3,20 @@
 KubernetesPodOperator only knows "not started within schedule_timeout_seconds": a GPU request no node can
 satisfy would sit there for the whole timeout. This watch reads the pod's ``PodScheduled`` condition
 (and, when it matters, its events for the cluster autoscaler's ``TriggeredScaleUp``) and turns a lasting
-"Unschedulable" into the triage's explanation.
+"Unschedulable" into the triage's explanation. A pod Kueue holds behind its admission scheduling gate is
+waiting for quota, not unschedulable: the watch says so and starts the unschedulable clock only once
+Kueue has admitted it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
 from airflow.providers.cncf.kubernetes.utils.pod_manager import PodPhase
 
+from airflow_provider_mltrain.operators._manifests import ADMISSION_GATE, QUEUE_LABEL
 from airflow_provider_mltrain.operators._triage import (
     GPUTrainingFailure,
     TriageContext,
@@ -24,6 +28,8 @@ if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager
     from kubernetes.client import models as k8s
 
+_log = logging.getLogger(__name__)
+
 
 def await_scheduling(
     pod_manager: PodManager,
@@ -34,6 +40,7 @@ def await_scheduling(
     poll_interval_s: float,
     triage_context: TriageContext,
     before_deferral: bool = False,
+    log: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> None:
     """Return once the pod is scheduled (or the budget is spent); raise when no node can take it.
 
@@ -46,7 +53,8 @@ def await_scheduling(
     :param triage_context: what was asked for, to phrase the fix.
     :param before_deferral: return (so the task defers) as soon as the autoscaler is adding a node, and
         after at most twice ``unschedulable_timeout_s``: a deferrable task should not hold a worker slot
-        through a long wait.
+        through a long wait; also as soon as the pod waits for Kueue admission (quota can take hours).
+    :param log: where "waiting for admission" is said (the task log); default this module's logger.
     :raises GPUTrainingFailure: the pod stayed unschedulable and no node is on its way.
     """
     budget = schedule_timeout_s
@@ -54,8 +62,27 @@ def await_scheduling(
         budget = min(budget, 2 * unschedulable_timeout_s)
     deadline = time.monotonic() + budget
     first_seen: float | None = None
+    said_waiting = False
     while True:
         remote = pod_manager.read_pod(pod)
+        if awaits_admission(remote):
+            if not said_waiting:
+                queue = ((remote.metadata.labels or {}) if remote.metadata else {}).get(QUEUE_LABEL)
+                (log or _log).info(
+                    "Pod %s: waiting for admission (Kueue queue %r holds it behind the %s scheduling gate "
+                    "until its quota allows; this wait counts against schedule_timeout_seconds)",
+                    getattr(remote.metadata, "name", None),
+                    queue,
+                    ADMISSION_GATE,
+                )
+                said_waiting = True
+            if before_deferral:
+                return  # wait for the queue on the triggerer, not on a worker
+            first_seen = None  # the unschedulable clock starts once Kueue has admitted the pod
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(poll_interval_s)
+            continue
         message = unschedulable_message(remote)
         if message is None:
             if is_scheduled(remote):
@@ -78,6 +105,12 @@ def await_scheduling(
         if time.monotonic() >= deadline:
             return  # the caller reports its own schedule timeout
         time.sleep(poll_interval_s)
+
+
+def awaits_admission(remote: k8s.V1Pod) -> bool:
+    """Whether Kueue still holds the pod behind its admission scheduling gate."""
+    gates = (remote.spec.scheduling_gates if remote.spec is not None else None) or []
+    return any(getattr(gate, "name", None) == ADMISSION_GATE for gate in gates)
 
 
 def is_scaling_up(pod_manager: PodManager, pod: k8s.V1Pod) -> bool:

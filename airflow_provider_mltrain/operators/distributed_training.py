@@ -37,9 +37,9 @@ from gpu_trainer import contract
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from airflow_provider_mltrain.launchers.local_nodes import LocalNodesLauncher
+
 _OPERATOR = "DistributedTrainingOperator"
-#: Kueue names (LocalQueue, WorkloadPriorityClass) travel as label values: <= 63 lowercase DNS characters.
-_KUEUE_NAME = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _DNS_LABEL = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 #: Arguments Airflow does not render here: Jinja or an XComArg in them would stay as written.
@@ -48,7 +48,6 @@ _NOT_TEMPLATED = (
     "backend",
     "runtime_ref",
     "runtime_kind",
-    "queue_name",
     "priority_class",
     "max_restarts",
     "admission_timeout_seconds",
@@ -102,15 +101,11 @@ def check_distributed_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
         )
     if known("runtime_kind") and args["runtime_kind"] not in manifests.RUNTIME_KINDS:
         raise _bad("runtime_kind", args["runtime_kind"], f"expected one of {list(manifests.RUNTIME_KINDS)}")
-    for name in ("queue_name", "priority_class"):
-        value = args.get(name)
-        if known(name) and value is not None and (not isinstance(value, str) or not _KUEUE_NAME.match(value)):
-            raise _bad(
-                name,
-                value,
-                "expected a Kueue object name usable as a label value (<= 63 lowercase letters, digits, "
-                "'-' and '.') or None",
-            )
+    if known("priority_class"):
+        try:
+            spec.check_kueue_name("priority_class", args["priority_class"])
+        except ValueError as err:
+            raise _as_this_operator(err) from None
     restarts = args.get("max_restarts")
     if known("max_restarts") and (
         isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0
@@ -239,6 +234,8 @@ class DistributedTrainingOperator(BaseOperator):
     )
     template_fields_renderers: ClassVar[dict[str, str]] = {"hyperparameters": "json", "env_vars": "json"}
     ui_color = "#c5e1f5"
+    #: The local launcher while it runs (``on_kill`` stops it).
+    _local_nodes: LocalNodesLauncher | None = None
 
     def __init__(
         self,
@@ -410,15 +407,18 @@ class DistributedTrainingOperator(BaseOperator):
             "try_number": ti.try_number,
         }
 
-    def checkpoint_dir(self, context: Context | None) -> str:
-        """The shared checkpoint directory of this task instance (not per try: a retry resumes)."""
+    def checkpoint_suffix(self, context: Context | None) -> str:
+        """This task instance's checkpoint directory below the checkpoint root (the same for every try)."""
         lineage = self.lineage(context)
         if lineage:
-            suffix = spec.checkpoint_suffix(
+            return spec.checkpoint_suffix(
                 lineage["dag_id"], lineage["task_id"], lineage["dag_run_id"], lineage["map_index"]
             )
-        else:
-            suffix = spec.path_segment(self.task_id)
+        return spec.path_segment(self.task_id)
+
+    def checkpoint_dir(self, context: Context | None) -> str:
+        """The shared checkpoint directory of this task instance (not per try: a retry resumes)."""
+        suffix = self.checkpoint_suffix(context)
         if self.checkpoint_volume:
             return f"{self.checkpoint_volume['mount_path']}/{suffix}"
         if self.checkpoint_uri:
@@ -433,15 +433,33 @@ class DistributedTrainingOperator(BaseOperator):
         """Labels naming this task instance (any try): a retry lists by them to re-attach."""
         return manifests.task_labels(self.lineage(context))
 
-    def contract_env(self, context: Context | None, *, result_path: str) -> dict[str, str]:
-        """The trainer's contract variables for a node (tracking URI only: credentials come from Secrets)."""
+    def contract_env(
+        self,
+        context: Context | None,
+        *,
+        result_path: str,
+        checkpoint_dir: str | None = None,
+        mlflow: dict[str, str] | None = None,
+        literal_credentials: bool = False,
+        data_store: dict[str, str] | None = None,
+    ) -> dict[str, str]:
+        """The trainer's contract variables for a node (tracking URI only: credentials come from Secrets).
+
+        The local launcher passes what differs on this machine:
+
+        :param checkpoint_dir: the checkpoint directory; None gives :meth:`checkpoint_dir`.
+        :param mlflow: the connection's MLflow variables; None gives the tracking URI only.
+        :param literal_credentials: keep credential values from ``mlflow``.
+        :param data_store: the data store's variables (from ``aws_conn_id``).
+        """
         hyperparameters = spec.check_hyperparameters(self.hyperparameters)
         spec.check_trainer_hyperparameters(hyperparameters, self.cmds)
         lineage = self.lineage(context)
-        mlflow = {contract.ENV_TRACKING_URI: self.mlflow_hook.tracking_uri} if self.mlflow_hook else None
+        if mlflow is None and self.mlflow_hook is not None:
+            mlflow = {contract.ENV_TRACKING_URI: self.mlflow_hook.tracking_uri}
         return contract.trainer_environment(
             hyperparameters=hyperparameters,
-            checkpoint_dir=self.checkpoint_dir(context),
+            checkpoint_dir=checkpoint_dir or self.checkpoint_dir(context),
             lineage=lineage,
             result_path=result_path,
             run_name=spec.run_name(
@@ -452,6 +470,8 @@ class DistributedTrainingOperator(BaseOperator):
             ),
             experiment_name=str(self.experiment_name) if self.experiment_name else None,
             mlflow=mlflow,
+            literal_credentials=literal_credentials,
+            extra=data_store,
         )
 
     def pod_params(self) -> TrainingPodParams:
@@ -560,6 +580,76 @@ class DistributedTrainingOperator(BaseOperator):
 
         print(yaml.safe_dump(self.build_manifest(), sort_keys=False))
 
+    # -- running locally ------------------------------------------------------------------------------
+
+    def _execute_local(self, context: Context) -> dict[str, Any]:
+        """Every node as a torchrun agent on this worker, with the manifest's own command and literal env.
+
+        The manifest is built (and so validated) as for the cluster; each node then gets this machine's
+        contract (checkpoint directory, the MLflow connection's variables with its credentials, the data
+        store's) and torchrun's placement (:mod:`airflow_provider_mltrain.launchers.local_nodes`).
+        """
+        import os
+
+        from airflow.exceptions import AirflowException
+
+        from airflow_provider_mltrain.hooks.data_store import aws_child_environment
+        from airflow_provider_mltrain.launchers.local import LocalTrainerTimeout, local_checkpoint_root
+        from airflow_provider_mltrain.launchers.local_nodes import LocalNodesLauncher, node_command
+        from airflow_provider_mltrain.operators._triage import GPUTrainingFailure, triage
+
+        nproc = self.effective_nproc_per_node
+        self.log.info(
+            "Local launcher: building the %s the Kubernetes launcher would submit (no cluster is contacted), "
+            "then running its %d nodes x %d processes as process groups on this worker",
+            "TrainJob" if self.backend == "trainjob" else "JobSet",
+            self.num_nodes,
+            nproc,
+        )
+        node = node_command(self.build_manifest(context))
+        checkpoint_dir = os.path.join(local_checkpoint_root(), self.checkpoint_suffix(context))
+        env = {
+            **node.env,
+            **self.contract_env(
+                context,
+                result_path=contract.DEFAULT_RESULT_PATH,  # each node gets a private path on this machine
+                checkpoint_dir=checkpoint_dir,
+                mlflow=self.mlflow_hook.child_environment() if self.mlflow_hook is not None else None,
+                literal_credentials=True,
+                data_store=aws_child_environment(self.aws_conn_id) if self.aws_conn_id else None,
+            ),
+        }
+        launcher = LocalNodesLauncher(
+            self.log,
+            checkpoint_dir=checkpoint_dir,
+            num_nodes=self.num_nodes,
+            nproc_per_node=nproc,
+            timeout_s=self.execution_timeout.total_seconds() if self.execution_timeout else None,
+            kill_grace_s=self.local_kill_grace_seconds,
+            max_restarts=self.max_restarts,
+        )
+        self._local_nodes = launcher
+        try:
+            run = launcher.run(node.command, env)
+        except LocalTrainerTimeout as err:
+            raise AirflowException(f"Local trainer: {err}") from err
+        except contract.ContractError as err:
+            raise AirflowException(f"{err} (node 0, where global rank 0 runs)") from err
+        finally:
+            self._local_nodes = None
+        if run.returncode != 0:
+            cause = triage(None, manifests.NODE_NAME, run.tail, self._triage_context())
+            message = (
+                f"Local trainer: node {run.failed_node} of {self.num_nodes} exited with code {run.returncode} "
+                f"(after {run.restarts} of max_restarts={self.max_restarts} restarts): {run.command}"
+            )
+            if cause:
+                raise GPUTrainingFailure(f"{cause}\n{message}")
+            raise AirflowException(message + " (see its [node N] lines above)")
+        if run.result is None:  # unreachable: the launcher reads node 0's result or raises
+            raise AirflowException("Local trainer: node 0 wrote no result")
+        return self._publish(context, run.result)
+
     # -- the lifecycle (operators/_training_job.py) ---------------------------------------------------
 
     def execute(self, context: Context) -> Any:
@@ -597,7 +687,11 @@ class DistributedTrainingOperator(BaseOperator):
         return super().resume_execution(next_method, next_kwargs, context)
 
     def on_kill(self) -> None:
-        """Kill and execution_timeout: delete the job with foreground propagation (its pods go first)."""
+        """Kill and execution_timeout: delete the job with foreground propagation (its pods go first); the
+        local launcher stops every process of every node."""
+        if self._local_nodes is not None:
+            self._local_nodes.stop()
+            return
         name = getattr(self, "_job_name", None)
         if name and self.resolve_launcher() != "local":
             self._lifecycle.kill(name)
@@ -618,8 +712,12 @@ class DistributedTrainingOperator(BaseOperator):
             unschedulable_timeout_s=self.unschedulable_timeout_seconds,
             max_restarts=self.max_restarts,
         )
+        return TrainingJobLifecycle(client, policy, self._triage_context(), self.log)
+
+    def _triage_context(self) -> TriageContext:
+        """What was asked for, to name a failure's cause against (both launchers)."""
         shm = None if self.shm_size is None or isinstance(self.shm_size, bool) else str(self.shm_size)
-        triage_context = TriageContext(
+        return TriageContext(
             gpus=self.gpus,
             gpu_resource=self.gpu_resource,
             gpu_type=tuple(self.gpu_type),
@@ -628,7 +726,6 @@ class DistributedTrainingOperator(BaseOperator):
             memory=str(self.memory) if self.memory else None,
             shm_size=shm,
         )
-        return TrainingJobLifecycle(client, policy, triage_context, self.log)
 
     def _publish(self, context: Context, result: dict[str, Any]) -> dict[str, Any]:
         """Push the validated result's parts under the pod operator's XCom keys; return the whole."""

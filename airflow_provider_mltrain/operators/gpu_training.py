@@ -36,6 +36,7 @@ from airflow_provider_mltrain.links.mlflow import MLflowRunLink
 from airflow_provider_mltrain.operators import _pod_spec as spec
 from airflow_provider_mltrain.operators import _preemption as preemption
 from airflow_provider_mltrain.operators._arguments import check_arguments
+from airflow_provider_mltrain.operators._manifests import QUEUE_LABEL
 from airflow_provider_mltrain.operators._pod_template import TrainingPodParams, apply_training_template
 from airflow_provider_mltrain.operators._scheduling import await_scheduling
 from airflow_provider_mltrain.operators._triage import GPUTrainingFailure, TriageContext, triage
@@ -127,6 +128,10 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
     :param nproc_per_node: torchrun processes on the node; setting it implies ``distributed``.
     :param launcher: ``"kubernetes"`` (pods) or ``"local"`` (a subprocess on the worker); default from the
         ``[mltrain] launcher`` setting. Never a silent fallback.
+    :param queue_name: Kueue LocalQueue to submit the pod to (the ``kueue.x-k8s.io/queue-name`` label; needs
+        Kueue's pod integration). While Kueue holds the pod behind its admission gate the log says "waiting
+        for admission" and the unschedulable fail-fast waits; the wait counts against
+        ``schedule_timeout_seconds`` (raise it for long queues).
     :param unschedulable_timeout_seconds: fail after the scheduler has called the pod unschedulable for
         this long (unless the cluster autoscaler is scaling up); None waits ``schedule_timeout_seconds``.
         In deferrable mode the worker watches scheduling before it defers, for at most twice this long:
@@ -218,6 +223,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         distributed: bool = False,
         nproc_per_node: int | None = None,
         launcher: str | None = None,
+        queue_name: str | None = None,
         unschedulable_timeout_seconds: int | None = 60,
         local_kill_grace_seconds: float = 10.0,
         max_preemptions: int = 3,
@@ -246,6 +252,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 "distributed": distributed,
                 "nproc_per_node": nproc_per_node,
                 "launcher": launcher,
+                "queue_name": queue_name,
                 "unschedulable_timeout_seconds": unschedulable_timeout_seconds,
                 "local_kill_grace_seconds": local_kill_grace_seconds,
                 "max_preemptions": max_preemptions,
@@ -253,6 +260,9 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 "env_vars": kwargs.get("env_vars"),
             }
         )
+        if queue_name:
+            # Kueue's pod integration: the label submits the pod to the LocalQueue (Kueue gates it).
+            kwargs["labels"] = {**(kwargs.get("labels") or {}), QUEUE_LABEL: queue_name}
         super().__init__(
             image=image,
             cmds=list(spec.DEFAULT_CMDS) if cmds is None else cmds,
@@ -274,6 +284,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         self.checkpoint_key = checkpoint_key
         self.nproc_per_node = checked["nproc_per_node"]
         self.launcher = checked["launcher"]
+        self.queue_name = queue_name
         self.unschedulable_timeout_seconds = checked["unschedulable_timeout_seconds"]
         self.local_kill_grace_seconds = checked["local_kill_grace_seconds"]
         self.max_preemptions = checked["max_preemptions"]
@@ -629,6 +640,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 poll_interval_s=self.startup_check_interval_seconds,
                 triage_context=self._triage_context(),
                 before_deferral=before_deferral,
+                log=self.log,
             )
         except GPUTrainingFailure as failure:
             self._startup_failure = failure

@@ -232,13 +232,13 @@ class WaitPolicy:
     :param poll_interval_s: seconds between reads of the job.
     :param admission_timeout_s: give up after the job waited this long for admission (None: no limit).
     :param unschedulable_timeout_s: give up after a pod was unschedulable (and no node is on its way), or
-        its image failed to pull, for this long.
+        its image failed to pull, for this long (None: never).
     :param max_restarts: the job's restart budget (JobSet ``failurePolicy.maxRestarts``), for the log.
     """
 
     poll_interval_s: float = 10.0
     admission_timeout_s: float | None = None
-    unschedulable_timeout_s: float = 300.0
+    unschedulable_timeout_s: float | None = 300.0
     max_restarts: int = 0
 
     def serialize(self) -> dict[str, Any]:
@@ -294,7 +294,7 @@ class Progress:
             return self.end(END_FAILED, obs.detail, obs)
         waited = {state: now - since for state, since in self._since.items()}
         admission = self.policy.admission_timeout_s
-        if admission is not None and waited.get(ADMISSION, 0.0) >= admission:
+        if admission is not None and waited.get(ADMISSION, -1.0) >= admission:
             return self.end(
                 END_ADMISSION_TIMEOUT,
                 f"{self.kind.kind} {self.name} was not admitted within admission_timeout_seconds={admission:g} "
@@ -304,9 +304,9 @@ class Progress:
                 obs,
             )
         budget = self.policy.unschedulable_timeout_s
-        if waited.get(UNSCHEDULABLE, 0.0) >= budget:
+        if budget is not None and waited.get(UNSCHEDULABLE, -1.0) >= budget:
             return self.end(END_UNSCHEDULABLE, obs.detail, obs)
-        if waited.get(PULLING, 0.0) >= budget:
+        if budget is not None and waited.get(PULLING, -1.0) >= budget:
             return self.end(END_IMAGE_PULL, obs.detail, obs)
         return None
 
@@ -581,7 +581,7 @@ class TrainingJobLifecycle:
         return tail
 
     def _pod_cause(self, name: str, pod_name: str, status: str, message: str) -> str:
-        budget = self.policy.unschedulable_timeout_s
+        budget = self.policy.unschedulable_timeout_s or 0.0
         if status == END_UNSCHEDULABLE:
             return (
                 explain_unschedulable(message, self.triage_context)

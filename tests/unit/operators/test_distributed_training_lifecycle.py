@@ -1,0 +1,550 @@
+"""DistributedTrainingOperator's lifecycle over HTTP against the Kubernetes API emulator.
+
+The real ``kubernetes`` client (and ``kubernetes_asyncio`` in the trigger) talks to
+``tests/fixtures/k8s_emulator.py``; the test plays the JobSet controller, Kueue and the kubelet through
+:class:`Cluster`, which advances the job one step each time the code under test reads it. Poll intervals
+are tiny, so each scenario takes well under a second of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from airflow_provider_mltrain.operators import _manifests as manifests
+from airflow_provider_mltrain.operators._training_job import (
+    JOBSET,
+    TRAINJOB,
+    TrainingJobClient,
+    TrainingJobLifecycle,
+    WaitPolicy,
+)
+from airflow_provider_mltrain.operators._triage import GPUTrainingFailure, TriageContext
+from airflow_provider_mltrain.operators.distributed_training import DistributedTrainingOperator
+from airflow_provider_mltrain.triggers.training_job import TrainingJobTrigger
+from gpu_trainer import contract
+from tests.fixtures.airflow_env import run_dag
+from tests.fixtures.k8s_emulator import KubernetesEmulator, pod_object
+
+RESULT = contract.make_result(
+    run_id="run-1",
+    model_uri="runs:/run-1/model",
+    metrics={"val_accuracy": 0.93, "val_loss": 0.2, "train_loss": 0.1, "val_f1": 0.92},
+    params={"lr": 0.1},
+    resumed_from_epoch=None,
+)
+LINEAGE = {"dag_id": "d", "dag_run_id": "manual__1", "task_id": "train", "map_index": -1, "try_number": 1}
+TRIAGE = TriageContext(
+    gpus=8,
+    gpu_resource="nvidia.com/gpu",
+    gpu_type=(),
+    gpu_type_label="nvidia.com/gpu.product",
+    image="registry.example/trainer:1",
+    memory="64Gi",
+    shm_size="8Gi",
+)
+FAST = {"poll_interval_s": 0.01, "unschedulable_timeout_s": 0.05}
+
+
+class Cluster:
+    """The JobSet controller, Kueue and the kubelet, scripted: each read of the job runs the next step.
+
+    :param emulator: the API emulator.
+    :param plural: ``jobsets`` or ``trainjobs`` (a TrainJob's pods carry the JobSet labels too: Kubeflow
+        Trainer runs it as a JobSet of the same name).
+    :param nodes: pods per attempt.
+    """
+
+    def __init__(self, emulator: KubernetesEmulator, plural: str = "jobsets", nodes: int = 2) -> None:
+        self.emu = emulator
+        self.plural = plural
+        self.nodes = nodes
+        self.attempt = 0
+        self.steps: list[Any] = []
+        emulator.on_read(plural, self._advance)
+
+    def script(self, *steps: Any) -> Cluster:
+        self.steps.extend(steps)
+        return self
+
+    def _advance(self, emu: KubernetesEmulator, job: dict[str, Any]) -> None:
+        if self.steps:
+            self.steps.pop(0)(job)
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def wait(job: dict[str, Any]) -> None:
+        pass
+
+    def admit(self, job: dict[str, Any]) -> None:
+        self.emu.patch(self.plural, job["metadata"]["name"], {"spec": {"suspend": False}})
+
+    def pod_name(self, job: dict[str, Any], node: int) -> str:
+        return f"{job['metadata']['name']}-node-0-{node}-a{self.attempt}"
+
+    def pods(
+        self, *, phase: str = "Running", state: Any = None, conditions: Any = None, only: int | None = None
+    ):
+        """Create (or replace) the current attempt's pods with this phase and container state."""
+
+        def step(job: dict[str, Any]) -> None:
+            for node in range(self.nodes) if only is None else [only]:
+                name = self.pod_name(job, node)
+                if self.emu.exists("pods", name):
+                    self.emu.delete("pods", name)
+                index = {manifests.COMPLETION_INDEX_ANNOTATION: str(node)}
+                labels = {
+                    "jobset.sigs.k8s.io/jobset-name": job["metadata"]["name"],
+                    "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                    "jobset.sigs.k8s.io/job-index": "0",
+                    "jobset.sigs.k8s.io/restart-attempt": str(self.attempt),
+                    **index,
+                }
+                pod_state = state(node) if callable(state) else state
+                self.emu.create(
+                    pod_object(
+                        name,
+                        labels=labels,
+                        annotations=index,
+                        owner=job,
+                        phase=phase,
+                        state=pod_state if pod_state is not None else {"running": {}},
+                        conditions=conditions,
+                    )
+                )
+
+        return step
+
+    def restart(self, job: dict[str, Any]) -> None:
+        for node in range(self.nodes):
+            if self.emu.exists("pods", self.pod_name(job, node)):
+                self.emu.delete("pods", self.pod_name(job, node))
+        self.attempt += 1
+        restarts = int((job.get("status") or {}).get("restarts") or 0) + 1
+        self.emu.patch(self.plural, job["metadata"]["name"], {"status": {"restarts": restarts}})
+        self.pods()(job)
+
+    def finish(self, message: str, log: str = "epoch 3 done\n", condition: str = "Completed"):
+        def step(job: dict[str, Any]) -> None:
+            done = {"terminated": {"exitCode": 0, "reason": "Completed", "message": message}}
+            self.pods(
+                phase="Succeeded", state=lambda node: done if node == 0 else {"terminated": {"exitCode": 0}}
+            )(job)
+            self.emu.set_log(self.pod_name(job, 0), log)
+            self.emu.patch(
+                self.plural,
+                job["metadata"]["name"],
+                {
+                    "status": {
+                        "conditions": [{"type": condition, "status": "True", "reason": "AllJobsCompleted"}]
+                    }
+                },
+            )
+
+        return step
+
+    def fail(self, reason: str, message: str, states: dict[int, Any], logs: dict[int, str]):
+        def step(job: dict[str, Any]) -> None:
+            failed = {"terminated": {"exitCode": 1, "reason": "Error"}}
+            self.pods(phase="Failed", state=lambda node: states.get(node, failed))(job)
+            for node, log in logs.items():
+                self.emu.set_log(self.pod_name(job, node), log)
+            self.emu.patch(
+                self.plural,
+                job["metadata"]["name"],
+                {
+                    "status": {
+                        "conditions": [
+                            {"type": "Failed", "status": "True", "reason": reason, "message": message}
+                        ]
+                    }
+                },
+            )
+
+        return step
+
+
+def _jobset(name: str = "train-abc", *, suspend: bool = False, labels: dict[str, str] | None = None) -> dict:
+    spec: dict[str, Any] = {"replicatedJobs": [{"name": "node", "replicas": 1, "template": {}}]}
+    if suspend:
+        spec["suspend"] = True
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {"name": name, "labels": labels or manifests.task_labels(LINEAGE)},
+        "spec": spec,
+    }
+
+
+def _lifecycle(kind=JOBSET, **policy: Any) -> TrainingJobLifecycle:
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    client = TrainingJobClient(KubernetesHook(conn_id="kubernetes_default").get_conn(), kind, "default")
+    return TrainingJobLifecycle(
+        client, WaitPolicy(**{**FAST, **policy}), TRIAGE, logging.getLogger("lifecycle")
+    )
+
+
+def _run(lifecycle: TrainingJobLifecycle, manifest: dict) -> dict:
+    name = lifecycle.start(manifest, manifests.task_labels(LINEAGE))
+    return lifecycle.conclude(lifecycle.wait(name))
+
+
+# -- the lifecycle ------------------------------------------------------------------------------------
+
+
+def test_kueue_admission_pulling_restart_and_result(k8s_emulator, caplog):
+    cluster = Cluster(k8s_emulator)
+    cluster.script(
+        cluster.wait,
+        cluster.admit,
+        cluster.pods(phase="Pending", state={"waiting": {"reason": "ContainerCreating"}}),
+        cluster.pods(),
+        cluster.restart,
+        cluster.finish(json.dumps(RESULT), log="leader: epoch 3 val_accuracy 0.93\n"),
+    )
+    queued = _jobset(suspend=True)
+    queued["metadata"]["labels"][manifests.QUEUE_LABEL] = "team-a"
+    caplog.set_level(logging.INFO, logger="lifecycle")
+
+    assert _run(_lifecycle(max_restarts=2), queued) == RESULT
+
+    log = caplog.text
+    states = [
+        "waiting for admission (Kueue queue 'team-a')",
+        "pulling image (0 of 2 pods running)",
+        "running (2 pods)",
+        "restart 1 of 2: every node resumes from the shared checkpoint",
+        "finished",
+    ]
+    positions = [log.index(f"JobSet train-abc: {state}") for state in states[:3]]
+    assert positions == sorted(positions)
+    assert states[3] in log and "JobSet train-abc: finished" in log
+    assert "leader: epoch 3 val_accuracy 0.93" in log  # the leader's log tail reached the task log
+    assert k8s_emulator.count("POST", "/jobsets") == 1
+
+
+def test_failure_names_the_node_and_cause_and_restarts_exhausted(k8s_emulator):
+    cluster = Cluster(k8s_emulator)
+    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    cluster.script(
+        cluster.pods(),
+        cluster.fail(
+            "ReachedMaxRestarts",
+            "jobset failed due to reaching max number of restarts",
+            states={1: oom},
+            # The leader only saw the echo: its collective timed out when node 1 died.
+            logs={
+                0: "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9)\n",
+                1: "step 40\n",
+            },
+        ),
+    )
+    cluster.attempt = 2
+    k8s_emulator.create(_jobset())
+    k8s_emulator.patch("jobsets", "train-abc", {"status": {"restarts": 2}})
+
+    lifecycle = _lifecycle(max_restarts=2)
+    with pytest.raises(GPUTrainingFailure) as failure:
+        lifecycle.conclude(lifecycle.wait("train-abc"))
+
+    message = str(failure.value)
+    assert "JobSet train-abc failed (ReachedMaxRestarts: jobset failed" in message
+    assert "Restarts exhausted: 2 of max_restarts=2 used" in message
+    assert "Node 1 (pod train-abc-node-0-1-a2): Training container was OOMKilled" in message
+    assert "raise memory=" in message
+
+
+def test_nccl_timeout_alone_is_named_with_its_fix(k8s_emulator):
+    cluster = Cluster(k8s_emulator)
+    nccl = "RuntimeError: NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network error\n"
+    cluster.script(cluster.fail("FailedJobs", "job node-0 failed", states={}, logs={0: nccl, 1: nccl}))
+    k8s_emulator.create(_jobset())
+    lifecycle = _lifecycle()
+    with pytest.raises(GPUTrainingFailure, match=r"(?s)Node 0 .*collective operation.*NCCL_DEBUG=INFO"):
+        lifecycle.conclude(lifecycle.wait("train-abc"))
+
+
+def test_admission_timeout_fails_clearly_and_deletes_the_job(k8s_emulator):
+    queued = _jobset(suspend=True)
+    queued["metadata"]["labels"][manifests.QUEUE_LABEL] = "team-a"
+    lifecycle = _lifecycle(admission_timeout_s=0.05)
+    with pytest.raises(GPUTrainingFailure) as failure:
+        _run(lifecycle, queued)
+    assert "was not admitted within admission_timeout_seconds=0.05 (Kueue queue 'team-a')" in str(
+        failure.value
+    )
+    assert "kubectl get workloads" in str(failure.value)
+    assert k8s_emulator.deletions == [("jobsets", "default", "train-abc", "Foreground")]
+    assert not k8s_emulator.exists("jobsets", "train-abc")
+
+
+def test_unschedulable_fails_fast_and_deletes_unless_a_node_is_coming(k8s_emulator):
+    no_gpu = [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+        }
+    ]
+    cluster = Cluster(k8s_emulator)
+    cluster.script(cluster.pods(phase="Pending", state=None, conditions=no_gpu))
+    k8s_emulator.create(_jobset())
+    lifecycle = _lifecycle()
+    with pytest.raises(GPUTrainingFailure) as failure:
+        lifecycle.conclude(lifecycle.wait("train-abc"))
+    assert "Training pod cannot be scheduled: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in str(
+        failure.value
+    )
+    assert "pod train-abc-node-0-0-a0 of JobSet train-abc: gave up after 0.05s unschedulable" in str(
+        failure.value
+    )
+    assert k8s_emulator.deletions[0] == ("jobsets", "default", "train-abc", "Foreground")
+
+    # The same, but the cluster autoscaler is adding a node: the wait goes on until the job runs.
+    k8s_emulator.reset()
+    cluster = Cluster(k8s_emulator)
+    pending = cluster.pods(phase="Pending", state=None, conditions=no_gpu)
+    cluster.script(pending, *[cluster.wait] * 12, cluster.pods(), cluster.finish(json.dumps(RESULT)))
+    k8s_emulator.create(_jobset())
+    k8s_emulator.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": "scale-up"},
+            "involvedObject": {"kind": "Pod", "name": "train-abc-node-0-0-a0"},
+            "reason": "TriggeredScaleUp",
+        }
+    )
+    assert _lifecycle().conclude(_lifecycle().wait("train-abc")) == RESULT
+    assert not [deleted for deleted in k8s_emulator.deletions if deleted[0] == "jobsets"]
+
+
+def test_image_pull_backoff_fails_with_the_image_named(k8s_emulator):
+    cluster = Cluster(k8s_emulator)
+    backoff = {"waiting": {"reason": "ImagePullBackOff", "message": "manifest unknown"}}
+    cluster.script(cluster.pods(phase="Pending", state=backoff))
+    k8s_emulator.create(_jobset())
+    lifecycle = _lifecycle()
+    with pytest.raises(
+        GPUTrainingFailure, match=r"Training image 'registry.example/trainer:1' cannot be pulled"
+    ):
+        lifecycle.conclude(lifecycle.wait("train-abc"))
+    assert not k8s_emulator.exists("jobsets", "train-abc")
+
+
+def test_retry_reattaches_to_the_running_job_and_replaces_a_finished_one(k8s_emulator, caplog):
+    caplog.set_level(logging.INFO, logger="lifecycle")
+    k8s_emulator.create(_jobset("train-try1"))
+    other_task = _jobset("other", labels={**manifests.task_labels(LINEAGE), "task_id": "other"})
+    k8s_emulator.create(other_task)
+    lifecycle = _lifecycle()
+
+    assert lifecycle.start(_jobset("train-try2"), manifests.task_labels(LINEAGE)) == "train-try1"
+    assert k8s_emulator.count("POST", "/jobsets") == 0
+    assert "Re-attaching to JobSet train-try1" in caplog.text
+
+    k8s_emulator.patch(
+        "jobsets", "train-try1", {"status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    )
+    assert lifecycle.start(_jobset("train-try2"), manifests.task_labels(LINEAGE)) == "train-try2"
+    assert k8s_emulator.deletions == [("jobsets", "default", "train-try1", "Foreground")]
+    assert [job["metadata"]["name"] for job in k8s_emulator.list("jobsets")] == ["other", "train-try2"]
+
+
+def test_result_over_4_kib_is_read_from_the_marker_log_line(k8s_emulator):
+    big = {**RESULT, "params": {f"p{i}": "x" * 40 for i in range(120)}}
+    text = json.dumps(big, sort_keys=True)
+    assert len(text) > contract.TERMINATION_MESSAGE_LIMIT
+    log = f"training...\n{contract.RESULT_LOG_MARKER}{text}\nexiting\n"
+    cluster = Cluster(k8s_emulator)
+    # The kubelet keeps the termination message's last 4 KiB: not JSON any more.
+    cluster.script(cluster.finish(text[-contract.TERMINATION_MESSAGE_LIMIT :], log=log))
+    k8s_emulator.create(_jobset())
+    lifecycle = _lifecycle()
+    assert lifecycle.conclude(lifecycle.wait("train-abc")) == big
+
+
+@pytest.mark.parametrize(
+    ("message", "log", "expected"),
+    [
+        (
+            "",
+            "no marker\n",
+            r"leader pod train-abc-node-0-0-a0 reported no result: its termination message is empty",
+        ),
+        (
+            '{"run_id": 3}',
+            "",
+            r"trainer result does not follow the contract: missing keys .*termination message",
+        ),
+        ("", f"{contract.RESULT_LOG_MARKER}{{not json\n", r"trainer result in .* is not valid JSON"),
+    ],
+)
+def test_missing_or_malformed_result_fails_clearly(k8s_emulator, message, log, expected):
+    cluster = Cluster(k8s_emulator)
+    cluster.script(cluster.finish(message, log=log))
+    k8s_emulator.create(_jobset())
+    lifecycle = _lifecycle()
+    with pytest.raises(Exception, match=expected):
+        lifecycle.conclude(lifecycle.wait("train-abc"))
+
+
+# -- the trigger --------------------------------------------------------------------------------------
+
+
+def _trigger(name: str = "train-abc", kind=JOBSET) -> TrainingJobTrigger:
+    return TrainingJobTrigger(
+        name=name,
+        namespace="default",
+        group=kind.group,
+        version=kind.version,
+        plural=kind.plural,
+        kind=kind.kind,
+        policy=WaitPolicy(**FAST).serialize(),
+    )
+
+
+def test_trigger_serializes_to_its_classpath_and_kwargs():
+    assert _trigger().serialize() == (
+        "airflow_provider_mltrain.triggers.training_job.TrainingJobTrigger",
+        {
+            "name": "train-abc",
+            "namespace": "default",
+            "group": "jobset.x-k8s.io",
+            "version": "v1alpha2",
+            "plural": "jobsets",
+            "kind": "JobSet",
+            "policy": {
+                "poll_interval_s": 0.01,
+                "admission_timeout_s": None,
+                "unschedulable_timeout_s": 0.05,
+                "max_restarts": 0,
+            },
+            "kubernetes_conn_id": "kubernetes_default",
+            "config_file": None,
+            "cluster_context": None,
+        },
+    )
+
+
+def test_trigger_waits_while_running_then_fires_once_the_trainjob_completes(k8s_emulator):
+    """The deferrable wait: run() stays pending while the job runs, fires on Complete, and the operator's
+    side (conclude, as in execute_complete) reads the result."""
+    k8s_emulator.create(
+        {
+            "apiVersion": "trainer.kubeflow.org/v1alpha1",
+            "kind": "TrainJob",
+            "metadata": {"name": "train-abc", "labels": manifests.task_labels(LINEAGE)},
+            "spec": {"runtimeRef": {"name": "torch-distributed"}},
+        }
+    )
+    cluster = Cluster(k8s_emulator, plural="trainjobs")
+    cluster.script(cluster.pods())
+
+    async def scenario() -> dict:
+        task = asyncio.ensure_future(_trigger(kind=TRAINJOB).run().__anext__())
+        for _ in range(200):  # until the trigger has read the job once: its pods run
+            if not cluster.steps:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        assert not task.done()  # running: no event yet
+        cluster.finish(json.dumps(RESULT), condition="Complete")(k8s_emulator.get("trainjobs", "train-abc"))
+        event = await asyncio.wait_for(task, timeout=10)
+        return event.payload
+
+    payload = asyncio.run(scenario())
+    assert payload["status"] == "succeeded"
+    assert payload["name"] == "train-abc"
+    assert _lifecycle(TRAINJOB).conclude(payload) == RESULT
+
+
+def test_trigger_reports_a_vanished_job_and_an_admission_timeout(k8s_emulator):
+    async def first(trigger: TrainingJobTrigger) -> dict:
+        return (await asyncio.wait_for(trigger.run().__anext__(), timeout=10)).payload
+
+    assert asyncio.run(first(_trigger("absent")))["status"] == "gone"
+    k8s_emulator.create(_jobset(suspend=True))
+    trigger = _trigger()
+    trigger.policy["admission_timeout_s"] = 0.05
+    payload = asyncio.run(first(trigger))
+    assert payload["status"] == "admission_timeout"
+    with pytest.raises(GPUTrainingFailure, match="was not admitted within"):
+        _lifecycle().conclude(payload)
+    assert k8s_emulator.deletions == [("jobsets", "default", "train-abc", "Foreground")]
+
+
+# -- the operator, through dag.test() -----------------------------------------------------------------
+
+
+def _operator(**kwargs: Any) -> DistributedTrainingOperator:
+    defaults: dict[str, Any] = {
+        "task_id": "train",
+        "image": "registry.example/trainer:1",
+        "num_nodes": 2,
+        "checkpoint_uri": "s3://bucket/ckpt",
+        "poll_interval": 0.01,
+        "launcher": "kubernetes",
+    }
+    return DistributedTrainingOperator(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("deferrable", "backend", "condition"),
+    [(False, "jobset", "Completed"), (True, "trainjob", "Complete")],
+    ids=["sync-jobset", "deferrable-trainjob"],
+)
+def test_dag_run_returns_the_leaders_result(airflow_db, k8s_emulator, deferrable, backend, condition):
+    from airflow.sdk import DAG
+
+    from airflow_provider_mltrain.testing import xcom_value
+
+    plural = "trainjobs" if backend == "trainjob" else "jobsets"
+    cluster = Cluster(k8s_emulator, plural=plural)
+    cluster.script(cluster.admit, cluster.pods(), cluster.finish(json.dumps(RESULT), condition=condition))
+    with DAG(f"distributed_{backend}", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
+        _operator(backend=backend, deferrable=deferrable, queue_name="team-a")
+
+    dag_run = run_dag(dag)
+
+    assert dag_run.get_task_instance("train").state == "success"
+    assert xcom_value(dag_run, "train") == RESULT
+    assert xcom_value(dag_run, "train", "run_id") == "run-1"
+    assert xcom_value(dag_run, "train", "metrics") == RESULT["metrics"]
+    [created] = k8s_emulator.list(plural)
+    assert created["metadata"]["labels"][manifests.QUEUE_LABEL] == "team-a"
+    assert created["metadata"]["labels"]["dag_id"] == f"distributed_{backend}"
+    assert k8s_emulator.count("POST", f"/{plural}") == 1
+
+
+def test_kill_and_deferred_timeout_delete_the_job_with_foreground_propagation(k8s_emulator):
+    op = _operator()
+    k8s_emulator.create(_jobset("train-try1"))
+    op._job_name = "train-try1"
+    op.on_kill()
+    assert k8s_emulator.deletions == [("jobsets", "default", "train-try1", "Foreground")]
+
+    # Deferred past execution_timeout: Airflow resumes the task with "__fail__"; the job goes first.
+    k8s_emulator.create(_jobset("train-try2"))
+
+    class _TI:
+        dag_id, task_id, map_index, try_number = LINEAGE["dag_id"], "train", -1, 2
+
+    from airflow.models.trigger import TriggerFailureReason
+    from airflow.sdk.exceptions import TaskDeferralTimeout
+
+    with pytest.raises(TaskDeferralTimeout):
+        op.resume_execution(
+            "__fail__",
+            {"error": TriggerFailureReason.TRIGGER_TIMEOUT},
+            {"ti": _TI(), "run_id": LINEAGE["dag_run_id"]},
+        )
+    assert k8s_emulator.deletions[-1] == ("jobsets", "default", "train-try2", "Foreground")

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from gpu_trainer.digits import write_digits
-from tests.fixtures.trainer_runs import run_trainer, trainer_args, trainer_env
+from tests.fixtures.trainer_runs import (
+    REPO_ROOT,
+    TORCHRUN_TWO_PROCESSES,
+    ddp_trainer_args,
+    run_trainer,
+    trainer_args,
+    trainer_env,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -52,4 +61,33 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) ->
         "result": json.loads((root / "result.json").read_text()),
         "stdout": proc.stdout,
         "lineage": lineage,
+    }
+
+
+@pytest.fixture(scope="session")
+def ddp_reference_run(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> dict:
+    """An uninterrupted torchrun run, two CPU processes (gloo); returns paths, output and the result."""
+    root = tmp_path_factory.mktemp("ddp-reference-run")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = trainer_env(uri, MLFLOW_EXPERIMENT_NAME="ddp")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            *TORCHRUN_TWO_PROCESSES,
+            "-m",
+            "gpu_trainer.train",
+            *ddp_trainer_args(digits_dir, root),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return {
+        "root": root,
+        "tracking_uri": uri,
+        "result": json.loads((root / "result.json").read_text()),
+        "stdout": proc.stdout,
     }

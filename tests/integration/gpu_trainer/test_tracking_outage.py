@@ -8,12 +8,6 @@ server is being stopped or started, so the outage falls between known epochs on 
 from __future__ import annotations
 
 import json
-import queue
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from gpu_trainer import checkpoint
 from tests.fixtures.mlflow_servers import free_port, start_server, stop_server
-from tests.fixtures.trainer_runs import REPO_ROOT, run_trainer, trainer_args, trainer_env
+from tests.fixtures.trainer_runs import TrainerProcess, run_trainer, trainer_args, trainer_env
 
 EPOCHS = 30
 #: A refused connection fails at once and every epoch retries: the test needs no waiting.
@@ -70,51 +64,6 @@ def _args(digits_dir: Path, tmp_path: Path) -> list[str]:
     return trainer_args(digits_dir, tmp_path, epochs=EPOCHS)
 
 
-class _Trainer:
-    """A trainer subprocess whose merged output is read line by line on a thread."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpu_trainer.train", *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=REPO_ROOT,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, text: str, *, count: int = 1, timeout: float = 120) -> None:
-        """Read output until ``text`` has appeared ``count`` more times."""
-        deadline = time.monotonic() + timeout
-        while count:
-            line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.1))
-            assert line is not None, f"trainer exited before {text!r}:\n" + "".join(self.lines)[-4000:]
-            self.lines.append(line)
-            if text in line:
-                count -= 1
-
-    def finish(self, timeout: float = 180) -> str:
-        self.proc.wait(timeout=timeout)
-        while (line := self._queue.get(timeout=10)) is not None:
-            self.lines.append(line)
-        return "".join(self.lines)
-
-    def pause(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-
 def _metric_steps(uri: str, run_id: str, name: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, name))
 
@@ -123,7 +72,7 @@ def test_training_continues_through_an_outage_and_delivers_metrics_after_restart
     tmp_path, digits_dir, tracking
 ):
     uri = tracking.uri
-    trainer = _Trainer(_args(digits_dir, tmp_path), trainer_env(uri, **OUTAGE_ENV))
+    trainer = TrainerProcess(_args(digits_dir, tmp_path), trainer_env(uri, **OUTAGE_ENV))
     try:
         trainer.wait_for(f"epoch 3/{EPOCHS} train_loss")
         trainer.pause()
@@ -161,7 +110,7 @@ def test_outage_until_the_end_fails_clearly_and_the_retry_delivers(tmp_path, dig
     uri = tracking.uri
     args = _args(digits_dir, tmp_path)
     env = trainer_env(uri, **OUTAGE_ENV)
-    trainer = _Trainer(args, env)
+    trainer = TrainerProcess(args, env)
     try:
         trainer.wait_for(f"epoch 2/{EPOCHS} train_loss")
         trainer.pause()

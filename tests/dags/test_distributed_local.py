@@ -1,0 +1,168 @@
+"""DistributedTrainingOperator on the local launcher: the JobSet's own node command run as real torchrun agents.
+
+Two nodes x one process (gloo, CPU) through ``dag.test()`` train digits as well as one node does, log one
+MLflow run on the real server and return one result; kill and execution_timeout stop every process of every
+node, torchrun's workers (each in a session of its own) and their children included.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from airflow.exceptions import AirflowException
+
+from airflow_provider_mltrain.hooks.mlflow import MLflowHook, connection_json
+from airflow_provider_mltrain.operators.distributed_training import DistributedTrainingOperator
+from airflow_provider_mltrain.testing import run_dag, xcom_value
+from gpu_trainer import contract
+from gpu_trainer.digits import write_digits
+from tests.fixtures.gpu_operator import make_context
+from tests.fixtures.processes import alive, wait_for
+
+#: Every node mounts it on a cluster; locally it stands for the shared directory under the checkpoint root.
+SHARED_VOLUME = {"claim_name": "ckpt", "mount_path": "/ckpt", "access_mode": "ReadWriteMany"}
+#: Enough epochs for both runs to converge (the 2-node run takes half the optimizer steps per epoch).
+TRAINER_ARGS = ["--epochs", "8", "--batch-size", "64", "--lr", "0.002", "--seed", "7", "--hidden-dim", "128"]
+
+#: A worker like the trainer's DataLoader-using rank: it starts a child and sleeps, recording both pids.
+SLEEPER = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    node = os.environ["GROUP_RANK"]  # torchrun's node rank for its workers
+    open(os.path.join(sys.argv[1], f"pids-{node}"), "w").write(f"{os.getpid()} {child.pid}")
+    time.sleep(600)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(str(out))
+    return out
+
+
+@pytest.fixture
+def local_root(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("AIRFLOW__MLTRAIN__LAUNCHER", "local")
+    root = tmp_path / "checkpoints"
+    monkeypatch.setenv("AIRFLOW__MLTRAIN__LOCAL_CHECKPOINT_ROOT", str(root))
+    return root
+
+
+def test_two_nodes_train_like_one_log_one_run_and_return_one_result(
+    airflow_db, airflow_conn, mlflow_server, local_root, digits, tmp_path
+):
+    from airflow.sdk import DAG
+
+    airflow_conn("mlflow_default", connection_json(mlflow_server.uri))
+    experiment = f"multinode-{tmp_path.name}"
+    with DAG("distributed_local", schedule=None, catchup=False) as dag:
+        for nodes in (1, 2):
+            DistributedTrainingOperator(
+                task_id=f"train_{nodes}_nodes",
+                num_nodes=nodes,
+                arguments=["--data", str(digits), *TRAINER_ARGS],
+                mlflow_conn_id="mlflow_default",
+                experiment_name=f"{experiment}-{nodes}",
+                checkpoint_volume=SHARED_VOLUME,
+                # A literal variable of the manifest reaches every node (and keeps 2 cores from thrashing).
+                env_vars={"OMP_NUM_THREADS": "1"},
+            )
+
+    dag_run = run_dag(dag, logical_date=dt.datetime(2026, 11, 27, tzinfo=dt.timezone.utc))
+
+    assert dag_run.state == "success", {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
+    one = xcom_value(dag_run, "train_1_nodes")
+    two = xcom_value(dag_run, "train_2_nodes")
+    for result, world_size in ((one, 1), (two, 2)):
+        assert contract.validate_result(result, require_metrics=contract.CLASSIFICATION_METRICS) == result
+        assert result["params"]["world_size"] == world_size
+        assert xcom_value(dag_run, f"train_{world_size}_nodes", key="run_id") == result["run_id"]
+    assert abs(two["metrics"]["val_accuracy"] - one["metrics"]["val_accuracy"]) <= 0.02
+    assert two["metrics"]["val_accuracy"] > 0.9
+    client = MLflowHook().get_conn()
+    runs = client.search_runs([client.get_experiment_by_name(f"{experiment}-2").experiment_id])
+    assert [run.info.run_id for run in runs] == [two["run_id"]]
+    assert runs[0].data.params["world_size"] == "2"
+    assert runs[0].data.tags["airflow.dag_run_id"] == dag_run.run_id
+    # Both nodes shared one checkpoint directory under the local checkpoint root.
+    assert len({path.parent for path in local_root.rglob("ckpt-*.pt") if "train_2_nodes" in str(path)}) == 1
+
+
+def sleeper_op(tmp_path: Path, **kwargs) -> DistributedTrainingOperator:
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    return DistributedTrainingOperator(
+        task_id="train",
+        launcher="local",
+        num_nodes=2,
+        cmds=["python", str(script)],
+        arguments=[str(tmp_path)],
+        checkpoint_volume=SHARED_VOLUME,
+        local_kill_grace_seconds=1,
+        **kwargs,
+    )
+
+
+def sleeper_pids(tmp_path: Path) -> list[int]:
+    return [int(pid) for node in (0, 1) for pid in wait_for(tmp_path / f"pids-{node}", 60).split()]
+
+
+def assert_all_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [pid for pid in pids if alive(pid)] == [], "a process of a node survived the kill"
+
+
+def test_on_kill_stops_every_process_of_every_node(tmp_path, local_root):
+    op = sleeper_op(tmp_path, max_restarts=2)  # a kill is never followed by a restart
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            op.execute(make_context())
+        except BaseException as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    workers = sleeper_pids(tmp_path)
+    launcher = op._local_nodes
+    assert launcher is not None
+    agents = [process.proc.pid for process in launcher._processes if process.proc is not None]
+    assert len(agents) == 2
+
+    op.on_kill()
+    thread.join(60)
+
+    assert not thread.is_alive()
+    assert errors and "exited with code" in str(errors[0]) and "after 0 of max_restarts=2" in str(errors[0])
+    assert_all_gone(workers + agents)
+
+
+def test_execution_timeout_stops_every_process_of_every_node(tmp_path, local_root):
+    op = sleeper_op(tmp_path, execution_timeout=dt.timedelta(seconds=30))
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _record(errors, op), daemon=True)
+    thread.start()
+    workers = sleeper_pids(tmp_path)
+    thread.join(90)
+
+    assert not thread.is_alive()
+    assert errors and isinstance(errors[0], AirflowException) and "execution_timeout" in str(errors[0])
+    assert_all_gone(workers)
+
+
+def _record(errors: list[BaseException], op: DistributedTrainingOperator) -> None:
+    try:
+        op.execute(make_context())
+    except BaseException as err:
+        errors.append(err)

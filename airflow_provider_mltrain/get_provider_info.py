@@ -94,6 +94,10 @@ def get_provider_info() -> dict[str, Any]:
                 "integration-name": "Datasets (S3 and local files)",
                 "python-modules": ["airflow_provider_mltrain.triggers.dataset"],
             },
+            {
+                "integration-name": "Kubernetes GPU training",
+                "python-modules": ["airflow_provider_mltrain.triggers.training_job"],
+            },
         ],
         "extra-links": [
             "airflow_provider_mltrain.links.mlflow.MLflowRunLink",

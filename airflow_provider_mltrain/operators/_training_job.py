@@ -95,8 +95,10 @@ class JobKind:
         return f"{self.group}/{self.version}"
 
 
-JOBSET = JobKind(*JOBSET_API_VERSION.split("/"), "jobsets", "JobSet")
-TRAINJOB = JobKind(*TRAINJOB_API_VERSION.split("/"), "trainjobs", "TrainJob")
+JOBSET = JobKind(JOBSET_API_VERSION.split("/")[0], JOBSET_API_VERSION.split("/")[1], "jobsets", "JobSet")
+TRAINJOB = JobKind(
+    TRAINJOB_API_VERSION.split("/")[0], TRAINJOB_API_VERSION.split("/")[1], "trainjobs", "TrainJob"
+)
 
 
 def job_kind(manifest: Mapping[str, Any]) -> JobKind:

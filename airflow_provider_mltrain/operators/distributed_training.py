@@ -190,6 +190,8 @@ class DistributedTrainingOperator(BaseOperator):
         more than one node it must be ``"access_mode": "ReadWriteMany"`` (every node mounts it).
     :param checkpoint_uri: or a URI prefix every node reaches (e.g. ``s3://bucket/ckpt``) (templated).
         More than one node needs one of the two: every restart resumes from the shared checkpoint.
+    :param checkpoint_key: key the checkpoint directory by DAG run and this value instead of task and map
+        index (templated; one path segment such as ``trial_007``), as on ``GPUTrainingPodOperator``.
     :param num_nodes: nodes (pods), >= 1.
     :param nproc_per_node: torchrun processes per node; default ``gpus``, or 1 without GPUs.
     :param backend: ``"jobset"`` (a ``jobset.x-k8s.io/v1alpha2`` JobSet; needs only the JobSet controller)
@@ -226,6 +228,7 @@ class DistributedTrainingOperator(BaseOperator):
         "hyperparameters",
         "experiment_name",
         "checkpoint_uri",
+        "checkpoint_key",
         "mlflow_secret",
         "data_secret",
         "cpu",
@@ -258,6 +261,7 @@ class DistributedTrainingOperator(BaseOperator):
         aws_conn_id: str | None = None,
         checkpoint_volume: dict[str, str] | None = None,
         checkpoint_uri: str | None = None,
+        checkpoint_key: str | None = None,
         num_nodes: int = 1,
         nproc_per_node: int | None = None,
         backend: str = "jobset",
@@ -298,6 +302,7 @@ class DistributedTrainingOperator(BaseOperator):
                 "aws_conn_id": aws_conn_id,
                 "checkpoint_volume": checkpoint_volume,
                 "checkpoint_uri": checkpoint_uri,
+                "checkpoint_key": checkpoint_key,
                 "num_nodes": num_nodes,
                 "nproc_per_node": nproc_per_node,
                 "backend": backend,
@@ -334,6 +339,7 @@ class DistributedTrainingOperator(BaseOperator):
         self.aws_conn_id = aws_conn_id
         self.checkpoint_volume = checked["checkpoint_volume"]
         self.checkpoint_uri = checkpoint_uri
+        self.checkpoint_key = checkpoint_key
         self.num_nodes = checked["num_nodes"]
         self.nproc_per_node = checked["nproc_per_node"]
         self.backend = backend
@@ -410,6 +416,9 @@ class DistributedTrainingOperator(BaseOperator):
     def checkpoint_suffix(self, context: Context | None) -> str:
         """This task instance's checkpoint directory below the checkpoint root (the same for every try)."""
         lineage = self.lineage(context)
+        if self.checkpoint_key is not None and lineage:
+            # A sweep's trial (sweeps.successive_halving): every round's task resumes the same directory.
+            return spec.keyed_checkpoint_suffix(lineage["dag_id"], lineage["dag_run_id"], self.checkpoint_key)
         if lineage:
             return spec.checkpoint_suffix(
                 lineage["dag_id"], lineage["task_id"], lineage["dag_run_id"], lineage["map_index"]

@@ -548,3 +548,20 @@ def test_kill_and_deferred_timeout_delete_the_job_with_foreground_propagation(k8
             {"ti": _TI(), "run_id": LINEAGE["dag_run_id"]},
         )
     assert k8s_emulator.deletions[-1] == ("jobsets", "default", "train-try2", "Foreground")
+
+
+def test_execution_timeout_deletes_the_running_job(airflow_db, k8s_emulator):
+    from airflow.sdk import DAG
+
+    cluster = Cluster(k8s_emulator)
+    cluster.script(cluster.admit, cluster.pods())  # then it runs for ever
+    with DAG("distributed_timeout", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
+        _operator(execution_timeout=datetime.timedelta(seconds=2), deferrable=False)
+
+    dag_run = run_dag(dag)
+
+    assert dag_run.get_task_instance("train").state == "failed"
+    [deleted] = [d for d in k8s_emulator.deletions if d[0] == "jobsets"]
+    assert deleted[3] == "Foreground"
+    assert k8s_emulator.list("jobsets") == []
+    assert k8s_emulator.list("pods") == []  # the pods named the JobSet as their owner

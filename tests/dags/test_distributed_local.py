@@ -23,6 +23,7 @@ from gpu_trainer import contract
 from gpu_trainer.digits import write_digits
 from tests.fixtures.gpu_operator import make_context
 from tests.fixtures.processes import alive, wait_for
+from tests.fixtures.trainer_scripts import TORCHRUN_PROBE
 
 #: Every node mounts it on a cluster; locally it stands for the shared directory under the checkpoint root.
 SHARED_VOLUME = {"claim_name": "ckpt", "mount_path": "/ckpt", "access_mode": "ReadWriteMany"}
@@ -94,6 +95,36 @@ def test_two_nodes_train_like_one_log_one_run_and_return_one_result(
     assert runs[0].data.tags["airflow.dag_run_id"] == dag_run.run_id
     # Both nodes shared one checkpoint directory under the local checkpoint root.
     assert len({path.parent for path in local_root.rglob("ckpt-*.pt") if "train_2_nodes" in str(path)}) == 1
+
+
+def test_two_nodes_of_two_processes_rendezvous_with_the_manifests_command(tmp_path, local_root):
+    script = tmp_path / "probe.py"
+    script.write_text(TORCHRUN_PROBE)
+    op = DistributedTrainingOperator(
+        task_id="train",
+        launcher="local",
+        num_nodes=2,
+        nproc_per_node=2,
+        cmds=["python", str(script)],  # the manifest runs it as `torchrun <script>`
+        checkpoint_volume=SHARED_VOLUME,
+        env_vars={"OMP_NUM_THREADS": "1"},
+    )
+
+    result = op.execute(make_context())
+
+    assert result["metrics"] == {"world_size": 4.0}
+    # torchrun placed node k's workers as global ranks 2k and 2k+1; node 0 holds rank 0, which reported.
+    assert result["params"]["ranks"] == [
+        {
+            "RANK": rank,
+            "LOCAL_RANK": rank % 2,
+            "GROUP_RANK": rank // 2,
+            "WORLD_SIZE": 4,
+            "LOCAL_WORLD_SIZE": 2,
+        }
+        for rank in range(4)
+    ]
+    assert result["params"]["node_rank_env"] == "0"
 
 
 def sleeper_op(tmp_path: Path, **kwargs) -> DistributedTrainingOperator:

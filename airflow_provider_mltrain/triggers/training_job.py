@@ -4,7 +4,9 @@ It reads the job and its pods with the async Kubernetes client of ``AsyncKuberne
 same reading (:func:`~airflow_provider_mltrain.operators._training_job.observe`) and budgets
 (:class:`~airflow_provider_mltrain.operators._training_job.Progress`) as the synchronous wait, so both modes
 report the same states and give up for the same reasons. It only decides when the wait ends; the
-operator's ``execute_complete`` reads the result, triages a failure and deletes what must go.
+operator's ``execute_complete`` reads the result, triages a failure and deletes what must go. The budgets
+(admission, unschedulable) are counted from when this trigger first sees the state: a triggerer restart
+starts them again, which errs on the side of waiting longer, never of deleting a job early.
 
 The classpath ``airflow_provider_mltrain.triggers.training_job.TrainingJobTrigger`` is stored with every
 deferred task: it must not move.

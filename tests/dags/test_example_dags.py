@@ -38,10 +38,16 @@ def test_every_example_parses_without_errors_network_or_heavy_imports():
     report = json.loads(out.strip().splitlines()[-1])
 
     assert report["errors"] == {}
-    assert report["dags"] == ["hyperparameter_sweep", "ml_training_pipeline", "quickstart_taskflow"]
+    assert report["dags"] == [
+        "adaptive_sweep",
+        "distributed_training",
+        "hyperparameter_sweep",
+        "ml_training_pipeline",
+        "quickstart_taskflow",
+    ]
     heavy = {"torch", "mlflow", "pandas", "numpy", "sklearn", "boto3", "pyarrow"} & set(report["loaded"])
     assert heavy == set()
-    assert len(EXAMPLE_FILES) == 3
+    assert len(EXAMPLE_FILES) == 5
 
 
 def test_pipeline_has_the_production_shape(airflow_db):

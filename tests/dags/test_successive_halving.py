@@ -158,3 +158,24 @@ def test_round_with_too_few_successful_trials_fails_the_sweep(sweep_env):
     assert states[("tune.select_1", -1)] == "failed"
     assert states[("tune.best", -1)] == "failed"
     assert xcom_value(dag_run, "tune.best") is None
+
+
+def test_adaptive_sweep_example_has_the_rounds_of_its_budget(airflow_db):
+    from tests.fixtures.example_dags import load_example_dag
+
+    dag = load_example_dag("adaptive_sweep")
+
+    # 9 configs, eta 3, 1..9 epochs: three rounds (9 x 1, 3 x 3, 1 x 9), two selections.
+    assert {t for t in dag.task_ids if t.startswith("tune.")} == {
+        "tune.sample",
+        "tune.round_1",
+        "tune.select_1",
+        "tune.round_2",
+        "tune.select_2",
+        "tune.round_3",
+        "tune.best",
+    }
+    assert dag.get_task("report").upstream_task_ids == {"tune.best"}
+    round_3 = dag.get_task("tune.round_3")
+    assert round_3.partial_kwargs["gpus"] == 1
+    assert round_3.partial_kwargs["mlflow_conn_id"] == "mlflow_default"

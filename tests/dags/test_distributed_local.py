@@ -127,6 +127,33 @@ def test_two_nodes_of_two_processes_rendezvous_with_the_manifests_command(tmp_pa
     assert result["params"]["node_rank_env"] == "0"
 
 
+def test_a_failed_node_is_named_and_triaged_after_max_restarts(tmp_path, local_root):
+    script = tmp_path / "oom.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "if os.environ['GROUP_RANK'] == '1':\n"
+        "    print('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB', flush=True)\n"
+        "    sys.exit(1)\n"
+        "time.sleep(600)\n"
+    )
+    op = DistributedTrainingOperator(
+        task_id="train",
+        launcher="local",
+        num_nodes=2,
+        cmds=["python", str(script)],
+        checkpoint_volume=SHARED_VOLUME,
+        max_restarts=1,
+        local_kill_grace_seconds=1,
+    )
+
+    with pytest.raises(AirflowException) as failure:
+        op.execute(make_context())
+
+    message = str(failure.value)
+    assert "out of GPU memory" in message
+    assert "node 1 of 2 exited with code 1 (after 1 of max_restarts=1 restarts)" in message
+
+
 def sleeper_op(tmp_path: Path, **kwargs) -> DistributedTrainingOperator:
     script = tmp_path / "sleeper.py"
     script.write_text(SLEEPER)

@@ -76,6 +76,10 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_mltrain.operators.gpu_training"],
             },
             {
+                "integration-name": "Kubernetes multi-node training (JobSet, Kubeflow Trainer, Kueue)",
+                "python-modules": ["airflow_provider_mltrain.operators.distributed_training"],
+            },
+            {
                 "integration-name": "MLflow",
                 "python-modules": [
                     "airflow_provider_mltrain.operators.mlflow_register",
@@ -93,6 +97,10 @@ def get_provider_info() -> dict[str, Any]:
             {
                 "integration-name": "Datasets (S3 and local files)",
                 "python-modules": ["airflow_provider_mltrain.triggers.dataset"],
+            },
+            {
+                "integration-name": "Kubernetes multi-node training (JobSet, Kubeflow Trainer, Kueue)",
+                "python-modules": ["airflow_provider_mltrain.triggers.training_job"],
             },
             {
                 "integration-name": "Kubernetes GPU training",

@@ -482,6 +482,33 @@ def test_trigger_reports_a_vanished_job_and_an_admission_timeout(k8s_emulator):
     assert k8s_emulator.deletions == [("jobsets", "default", "train-abc", "Foreground")]
 
 
+def test_trigger_gives_up_on_an_unschedulable_pod_unless_the_autoscaler_scales_up(k8s_emulator):
+    no_gpu = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "Insufficient gpu"}
+    ]
+    cluster = Cluster(k8s_emulator)
+    cluster.script(cluster.pods(phase="Pending", state=None, conditions=no_gpu))
+    k8s_emulator.create(_jobset())
+
+    async def first() -> dict:
+        return (await asyncio.wait_for(_trigger().run().__anext__(), timeout=10)).payload
+
+    payload = asyncio.run(first())
+    assert (payload["status"], payload["pod"]) == ("unschedulable", "train-abc-node-0-0-a0")
+    # The autoscaler's event for that pod: the trigger keeps waiting, and fires when the job finishes.
+    k8s_emulator.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": "scale-up"},
+            "involvedObject": {"kind": "Pod", "name": "train-abc-node-0-0-a0"},
+            "reason": "TriggeredScaleUp",
+        }
+    )
+    cluster.script(*[cluster.wait] * 10, cluster.pods(), cluster.finish(json.dumps(RESULT)))
+    assert asyncio.run(first())["status"] == "succeeded"
+
+
 # -- the operator, through dag.test() -----------------------------------------------------------------
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 from xml.sax.saxutils import escape
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.utils.rest_utils import MlflowHostCreds
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +71,55 @@ def report(
     leaderboard: Sequence[Mapping[str, Any]],
     plot_svg: str,
     metrics: Mapping[str, float],
+    host_creds: Callable[[], MlflowHostCreds],
     status: str = "FINISHED",
 ) -> None:
-    """Log the leaderboard (MLflow's table JSON: columns + data) and the plot, then end the parent run."""
+    """Log the leaderboard (MLflow's table JSON: columns + data) and the plot, then end the parent run.
+
+    :param host_creds: the connection's credentials for the tracking server (for proxied artifacts).
+    """
     columns = list(leaderboard[0]) if leaderboard else []
     rows = [[_cell(row.get(column)) for column in columns] for row in leaderboard]
-    client.log_dict(parent_run_id, {"columns": columns, "data": rows}, LEADERBOARD_ARTIFACT)
-    client.log_text(parent_run_id, plot_svg, PLOT_ARTIFACT)
+    artifact_uri = str(client.get_run(parent_run_id).info.artifact_uri)
+    table = json.dumps({"columns": columns, "data": rows}, indent=2)
+    upload_text(client, host_creds, parent_run_id, artifact_uri, table, LEADERBOARD_ARTIFACT)
+    upload_text(client, host_creds, parent_run_id, artifact_uri, plot_svg, PLOT_ARTIFACT)
     for name, value in metrics.items():
         client.log_metric(parent_run_id, name, float(value))
     client.set_terminated(parent_run_id, status=status)
+
+
+def upload_text(
+    client: MlflowClient,
+    host_creds: Callable[[], MlflowHostCreds],
+    run_id: str,
+    artifact_uri: str,
+    text: str,
+    artifact_file: str,
+) -> None:
+    """Write ``text`` as an artifact of the run.
+
+    Artifacts the tracking server proxies (``mlflow-artifacts:``) go over its REST endpoint with the
+    connection's credentials: MLflow's own artifact repository resolves that scheme against the
+    process-wide tracking URI and reads credentials from ``os.environ``, neither of which a worker sets.
+    Other artifact stores (a local store's files) are written by the client.
+    """
+    if not artifact_uri.startswith("mlflow-artifacts:"):
+        client.log_text(run_id, text, artifact_file)
+        return
+    from mlflow.utils.rest_utils import http_request
+
+    path = urlparse(artifact_uri).path.strip("/")
+    response = http_request(
+        host_creds(),
+        f"/api/2.0/mlflow-artifacts/artifacts/{path}/{artifact_file}",
+        "PUT",
+        data=text.encode("utf-8"),
+    )
+    if response.status_code != 200:
+        raise RuntimeError(
+            f"upload of {artifact_file} failed: HTTP {response.status_code} {response.text[:200]}"
+        )
 
 
 def _cell(value: Any) -> Any:

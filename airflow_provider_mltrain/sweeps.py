@@ -75,7 +75,7 @@ def successive_halving(
     :param max_epochs: the epochs of the last round (the winner's total).
     :param metric: the result metric to rank by (``result["metrics"][metric]``).
     :param mode: ``"max"`` (higher is better) or ``"min"``.
-    :param seed: seeds the random draws (None: different every parse... and every run; avoid).
+    :param seed: seeds the random draws (None: different configurations in every DAG run).
     :param min_successful: successful trials each round needs (capped at the round's size).
     :returns: the best trial's result (``run_id``, ``model_uri``, ``metrics``, ``params``, ...) plus
         ``trial``, ``leaderboard`` (every trial, best first), ``trained_epochs`` and ``parent_run_id``.
@@ -449,6 +449,7 @@ def _track_round(
                 leaderboard=final["leaderboard"],
                 plot_svg=tracking.plot_svg(final["curves"], settings.metric, run_name),
                 metrics=final["metrics"],
+                host_creds=hook.host_creds,
             )
         return parent
     except Exception as err:

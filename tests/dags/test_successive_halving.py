@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import requests
 
 from airflow_provider_mltrain.hooks.mlflow import connection_json
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
@@ -118,18 +119,24 @@ def test_sweep_resumes_survivors_drops_a_failed_trial_and_nests_runs_in_mlflow(
         pytest.approx(0.8),
         pytest.approx(0.9),
     ]
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {tracking.LEADERBOARD_ARTIFACT, tracking.PLOT_ARTIFACT} <= artifacts
-    table = json.loads(
-        Path(
-            client.download_artifacts(parent.info.run_id, tracking.LEADERBOARD_ARTIFACT, str(tmp_path))
-        ).read_text()
-    )
+    # Read back over the server's REST API, as a browser would (no artifact repository, no global URI).
+    listing = requests.get(
+        f"{mlflow_server.uri}/api/2.0/mlflow/artifacts/list",
+        params={"run_id": parent.info.run_id},
+        timeout=10,
+    ).json()
+    assert {tracking.LEADERBOARD_ARTIFACT, tracking.PLOT_ARTIFACT} <= {f["path"] for f in listing["files"]}
+
+    def artifact(path: str) -> str:
+        params = {"run_uuid": parent.info.run_id, "path": path}
+        response = requests.get(f"{mlflow_server.uri}/get-artifact", params=params, timeout=10)
+        response.raise_for_status()
+        return response.text
+
+    table = json.loads(artifact(tracking.LEADERBOARD_ARTIFACT))
     assert table["columns"][:3] == ["rank", "trial", "status"]
     assert [row[1] for row in table["data"]] == [row["trial"] for row in board]
-    svg = Path(
-        client.download_artifacts(parent.info.run_id, tracking.PLOT_ARTIFACT, str(tmp_path))
-    ).read_text()
+    svg = artifact(tracking.PLOT_ARTIFACT)
     assert svg.count("<polyline") == 3  # the failed trial has no point
     assert "tune-trial_002" in svg
 

@@ -222,7 +222,10 @@ class LocalNodesLauncher:
         self.kill_grace_s = kill_grace_s
         self.max_restarts = max_restarts
         self._processes: list[LocalProcess] = []
-        self._lock = threading.Lock()
+        # Reentrant: Airflow calls on_kill (stop) from a signal handler, which may run in this thread while
+        # it holds the lock to start the nodes.
+        self._lock = threading.RLock()
+        # Set by stop(): no node starts, and none restarts, after it (one launcher per task execution).
         self._stopped = False
 
     def run(self, cmds: Sequence[str], env: Mapping[str, str]) -> LocalNodesRun:
@@ -245,7 +248,6 @@ class LocalNodesLauncher:
             )
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        self._stopped = False
         restarts = 0
         while True:
             outcome = self._attempt(cmd, env, deadline, restarts)
@@ -288,18 +290,21 @@ class LocalNodesLauncher:
             )
         try:
             with self._lock:
-                if self._stopped:  # killed while this attempt was being prepared: start nothing
-                    return LocalNodesRun(
-                        command=cmd,
-                        returncode=-signal.SIGTERM,
-                        tail=[],
-                        result=None,
-                        returncodes=[None] * self.num_nodes,
-                        restarts=restarts,
-                    )
                 self._processes = processes
                 for process in processes:
+                    if self._stopped:  # killed before or while the nodes start (a handler in this thread)
+                        break
                     process.start()
+            if self._stopped:
+                self._stop_processes(processes)
+                return LocalNodesRun(
+                    command=cmd,
+                    returncode=-signal.SIGTERM,
+                    tail=[],
+                    result=None,
+                    returncodes=[process.proc.poll() if process.proc else None for process in processes],
+                    restarts=restarts,
+                )
             codes, failed = self._wait(processes, deadline)
             for process in processes:
                 process.wait()  # every node has exited: this only collects the last output lines

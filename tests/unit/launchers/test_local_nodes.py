@@ -228,3 +228,15 @@ def test_kill_stops_every_process_of_every_node(tmp_path, how):
 def test_node_python_is_the_workers(tmp_path):
     run, _log = run_nodes(tmp_path, num_nodes=1)
     assert run.command[0] == sys.executable
+
+
+def test_a_launcher_stopped_before_it_runs_starts_no_node(tmp_path):
+    launcher = LocalNodesLauncher(
+        ListLog(), checkpoint_dir=str(tmp_path / "ckpt"), num_nodes=2, nproc_per_node=1
+    )
+    launcher.stop()
+
+    run = launcher.run(["python", "-c", f"open({str(tmp_path / 'started')!r}, 'w')"], {})
+
+    assert run.returncode != 0 and run.result is None and run.returncodes == [None, None]
+    assert not (tmp_path / "started").exists()

@@ -33,10 +33,9 @@ from airflow_provider_mltrain.launchers.local import (
     child_environment,
     local_command,
 )
+from airflow_provider_mltrain.operators._manifests import NODE_NAME
 from gpu_trainer import contract
 
-#: The replicated job and container name every multi-node manifest uses for its nodes.
-NODE_NAME = "node"
 #: Where the nodes rendezvous on this machine.
 LOCAL_MASTER_ADDR = "127.0.0.1"
 #: The worker's own torchrun placement (an Airflow worker started under torchrun, a test run inside one):

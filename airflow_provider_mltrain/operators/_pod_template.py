@@ -156,3 +156,99 @@ def _environment(
         names = [name for name in contract.DATA_STORE_ENV_VARS if name not in taken]
         env += spec.secret_env(params.data_secret, names)
     return env
+
+
+# -- what the template is filled with: the same facts for every training operator --------------------
+
+
+def task_lineage(context: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The contract lineage of the running task instance ({} without a context, e.g. a dry run).
+
+    :param context: the task's Airflow context.
+    """
+    if not context:
+        return {}
+    ti = context["ti"]
+    return {
+        "dag_id": ti.dag_id,
+        "dag_run_id": context["run_id"],
+        "task_id": ti.task_id,
+        "map_index": ti.map_index,
+        "try_number": ti.try_number,
+    }
+
+
+def checkpoint_suffix(task_id: str, lineage: Mapping[str, Any], checkpoint_key: str | None = None) -> str:
+    """The task instance's checkpoint directory below the checkpoint root: the same for every try (a retry
+    resumes), or per DAG run and ``checkpoint_key`` (every task of a sweep's trial resumes the same one).
+
+    :param task_id: the task id (the whole suffix without a lineage).
+    :param lineage: :func:`task_lineage`.
+    :param checkpoint_key: the rendered ``checkpoint_key``, or None.
+    """
+    if not lineage:
+        return spec.path_segment(task_id)
+    if checkpoint_key is not None:
+        return spec.keyed_checkpoint_suffix(lineage["dag_id"], lineage["dag_run_id"], checkpoint_key)
+    return spec.checkpoint_suffix(
+        lineage["dag_id"], lineage["task_id"], lineage["dag_run_id"], lineage["map_index"]
+    )
+
+
+def checkpoint_dir(checkpoint_volume: Mapping[str, str] | None, checkpoint_uri: Any, suffix: str) -> str:
+    """Where the trainer checkpoints: under the PVC's mount, the URI prefix, or the image's directory.
+
+    :param checkpoint_volume: the validated ``checkpoint_volume`` or None.
+    :param checkpoint_uri: the rendered ``checkpoint_uri`` or None.
+    :param suffix: :func:`checkpoint_suffix`.
+    """
+    if checkpoint_volume:
+        return f"{checkpoint_volume['mount_path']}/{suffix}"
+    if checkpoint_uri:
+        return f"{str(checkpoint_uri).rstrip('/')}/{suffix}"
+    return f"{spec.DEFAULT_CHECKPOINT_MOUNT}/{suffix}"
+
+
+def trainer_env(
+    *,
+    task_id: str,
+    default_dag_id: str,
+    lineage: Mapping[str, Any],
+    hyperparameters: Mapping[str, Any],
+    checkpoint_dir: str,
+    result_path: str,
+    experiment_name: Any,
+    mlflow: Mapping[str, str] | None,
+    literal_credentials: bool = False,
+    data_store: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The trainer's contract variables (:func:`gpu_trainer.contract.trainer_environment`) with the MLflow
+    run name every training operator gives its runs.
+
+    :param task_id: the task id.
+    :param default_dag_id: the DAG id to name the run after when there is no lineage (a dry run).
+    :param lineage: :func:`task_lineage`.
+    :param hyperparameters: the rendered, validated hyperparameters.
+    :param checkpoint_dir: :func:`checkpoint_dir` (or the local launcher's directory).
+    :param result_path: where the trainer writes its result.
+    :param experiment_name: the rendered MLflow experiment, or None.
+    :param mlflow: the MLflow variables (a pod's: the tracking URI only).
+    :param literal_credentials: keep credential values from ``mlflow`` (local launchers only).
+    :param data_store: the data store's variables (local launchers only).
+    """
+    return contract.trainer_environment(
+        hyperparameters=hyperparameters,
+        checkpoint_dir=checkpoint_dir,
+        lineage=lineage,
+        result_path=result_path,
+        run_name=spec.run_name(
+            lineage.get("dag_id", default_dag_id),
+            task_id,
+            lineage.get("map_index"),
+            lineage.get("dag_run_id"),
+        ),
+        experiment_name=str(experiment_name) if experiment_name else None,
+        mlflow=mlflow,
+        literal_credentials=literal_credentials,
+        extra=data_store,
+    )

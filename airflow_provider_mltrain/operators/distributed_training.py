@@ -21,6 +21,7 @@ from airflow_provider_mltrain._templating import renders_later
 from airflow_provider_mltrain.hooks.mlflow import MLflowHook
 from airflow_provider_mltrain.operators import _manifests as manifests
 from airflow_provider_mltrain.operators import _pod_spec as spec
+from airflow_provider_mltrain.operators import _pod_template as template
 from airflow_provider_mltrain.operators._arguments import check_arguments
 from airflow_provider_mltrain.operators._pod_template import TrainingPodParams, apply_training_template
 from airflow_provider_mltrain.operators._training_job import (
@@ -402,37 +403,17 @@ class DistributedTrainingOperator(BaseOperator):
     @staticmethod
     def lineage(context: Context | None) -> dict[str, Any]:
         """The contract lineage of this task instance ({} without a context, e.g. ``dry_run()``)."""
-        if not context:
-            return {}
-        ti = context["ti"]
-        return {
-            "dag_id": ti.dag_id,
-            "dag_run_id": context["run_id"],
-            "task_id": ti.task_id,
-            "map_index": ti.map_index,
-            "try_number": ti.try_number,
-        }
+        return template.task_lineage(context)
 
     def checkpoint_suffix(self, context: Context | None) -> str:
-        """This task instance's checkpoint directory below the checkpoint root (the same for every try)."""
-        lineage = self.lineage(context)
-        if self.checkpoint_key is not None and lineage:
-            # A sweep's trial (sweeps.successive_halving): every round's task resumes the same directory.
-            return spec.keyed_checkpoint_suffix(lineage["dag_id"], lineage["dag_run_id"], self.checkpoint_key)
-        if lineage:
-            return spec.checkpoint_suffix(
-                lineage["dag_id"], lineage["task_id"], lineage["dag_run_id"], lineage["map_index"]
-            )
-        return spec.path_segment(self.task_id)
+        """This task instance's checkpoint directory below the checkpoint root (the same for every try;
+        with ``checkpoint_key``, every task of a sweep's trial shares it)."""
+        return template.checkpoint_suffix(self.task_id, self.lineage(context), self.checkpoint_key)
 
     def checkpoint_dir(self, context: Context | None) -> str:
         """The shared checkpoint directory of this task instance (not per try: a retry resumes)."""
         suffix = self.checkpoint_suffix(context)
-        if self.checkpoint_volume:
-            return f"{self.checkpoint_volume['mount_path']}/{suffix}"
-        if self.checkpoint_uri:
-            return f"{str(self.checkpoint_uri).rstrip('/')}/{suffix}"
-        return f"{spec.DEFAULT_CHECKPOINT_MOUNT}/{suffix}"
+        return template.checkpoint_dir(self.checkpoint_volume, self.checkpoint_uri, suffix)
 
     def resource_name(self, context: Context | None) -> str:
         """The JobSet's / TrainJob's name for this try."""
@@ -463,24 +444,19 @@ class DistributedTrainingOperator(BaseOperator):
         """
         hyperparameters = spec.check_hyperparameters(self.hyperparameters)
         spec.check_trainer_hyperparameters(hyperparameters, self.cmds)
-        lineage = self.lineage(context)
         if mlflow is None and self.mlflow_hook is not None:
             mlflow = {contract.ENV_TRACKING_URI: self.mlflow_hook.tracking_uri}
-        return contract.trainer_environment(
+        return template.trainer_env(
+            task_id=self.task_id,
+            default_dag_id=self.dag_id if self.has_dag() else "dag",
+            lineage=self.lineage(context),
             hyperparameters=hyperparameters,
             checkpoint_dir=checkpoint_dir or self.checkpoint_dir(context),
-            lineage=lineage,
             result_path=result_path,
-            run_name=spec.run_name(
-                lineage.get("dag_id", self.dag_id if self.has_dag() else "dag"),
-                self.task_id,
-                lineage.get("map_index"),
-                lineage.get("dag_run_id"),
-            ),
-            experiment_name=str(self.experiment_name) if self.experiment_name else None,
+            experiment_name=self.experiment_name,
             mlflow=mlflow,
             literal_credentials=literal_credentials,
-            extra=data_store,
+            data_store=data_store,
         )
 
     def pod_params(self) -> TrainingPodParams:

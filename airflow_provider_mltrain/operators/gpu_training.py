@@ -34,6 +34,7 @@ from airflow_provider_mltrain.hooks.mlflow import MLflowHook
 from airflow_provider_mltrain.launchers.local import LocalLauncher, LocalTrainerTimeout, local_checkpoint_root
 from airflow_provider_mltrain.links.mlflow import MLflowRunLink
 from airflow_provider_mltrain.operators import _pod_spec as spec
+from airflow_provider_mltrain.operators import _pod_template as template
 from airflow_provider_mltrain.operators import _preemption as preemption
 from airflow_provider_mltrain.operators._arguments import check_arguments
 from airflow_provider_mltrain.operators._manifests import QUEUE_LABEL
@@ -410,34 +411,14 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
 
     @staticmethod
     def _lineage(context: Context | None) -> dict[str, Any]:
-        if not context:
-            return {}
-        ti = context["ti"]
-        return {
-            "dag_id": ti.dag_id,
-            "dag_run_id": context["run_id"],
-            "task_id": ti.task_id,
-            "map_index": ti.map_index,
-            "try_number": ti.try_number,
-        }
+        return template.task_lineage(context)
 
     def _checkpoint_suffix(self, context: Context | None) -> str:
-        lineage = self._lineage(context)
-        if self.checkpoint_key is not None and lineage:
-            return spec.keyed_checkpoint_suffix(lineage["dag_id"], lineage["dag_run_id"], self.checkpoint_key)
-        if not lineage:
-            return spec.path_segment(self.task_id)
-        return spec.checkpoint_suffix(
-            lineage["dag_id"], lineage["task_id"], lineage["dag_run_id"], lineage["map_index"]
-        )
+        return template.checkpoint_suffix(self.task_id, self._lineage(context), self.checkpoint_key)
 
     def _checkpoint_dir(self, context: Context | None) -> str:
         suffix = self._checkpoint_suffix(context)
-        if self.checkpoint_volume:
-            return f"{self.checkpoint_volume['mount_path']}/{suffix}"
-        if self.checkpoint_uri:
-            return f"{str(self.checkpoint_uri).rstrip('/')}/{suffix}"
-        return f"{spec.DEFAULT_CHECKPOINT_MOUNT}/{suffix}"
+        return template.checkpoint_dir(self.checkpoint_volume, self.checkpoint_uri, suffix)
 
     def _contract_env(
         self,
@@ -456,24 +437,19 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         :param literal_credentials: keep credential values from ``mlflow`` (the local launcher only).
         :param data_store: the data store's variables (the local launcher's, from ``aws_conn_id``).
         """
-        lineage = self._lineage(context)
         if mlflow is None and self.mlflow_hook is not None:
             mlflow = {contract.ENV_TRACKING_URI: self.mlflow_hook.tracking_uri}
-        return contract.trainer_environment(
+        return template.trainer_env(
+            task_id=self.task_id,
+            default_dag_id=self.dag_id if self.has_dag() else "dag",
+            lineage=self._lineage(context),
             hyperparameters=hyperparameters,
             checkpoint_dir=checkpoint_dir,
-            lineage=lineage,
             result_path=result_path,
-            run_name=spec.run_name(
-                lineage.get("dag_id", self.dag_id if self.has_dag() else "dag"),
-                self.task_id,
-                lineage.get("map_index"),
-                lineage.get("dag_run_id"),
-            ),
-            experiment_name=str(self.experiment_name) if self.experiment_name else None,
+            experiment_name=self.experiment_name,
             mlflow=mlflow,
             literal_credentials=literal_credentials,
-            extra=data_store,
+            data_store=data_store,
         )
 
     # -- running on Kubernetes -----------------------------------------------------------------------

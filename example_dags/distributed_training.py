@@ -14,7 +14,9 @@ Trainer TrainJob instead (the `torch-distributed` runtime).
 
 **On a laptop**: `AIRFLOW__MLTRAIN__LAUNCHER=local` runs the manifest's own node command on this machine:
 2 torchrun agents x `nproc_per_node` processes (CPU and gloo without GPUs), each node with the
-`PET_*` placement the cluster would give it. Trigger with `{"data": "/path/to/prepared"}`.
+`PET_*` placement the cluster would give it. `nproc_per_node` defaults to `gpus`, so that is 2 x 8 processes;
+on a small machine add `"nproc_per_node": 1` to `CLUSTER` (the tests run it so). Trigger with
+`{"data": "/path/to/prepared"}`.
 """
 
 from __future__ import annotations

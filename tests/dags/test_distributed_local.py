@@ -207,7 +207,7 @@ def test_on_kill_stops_every_process_of_every_node(tmp_path, local_root):
 
 
 def test_execution_timeout_stops_every_process_of_every_node(tmp_path, local_root):
-    op = sleeper_op(tmp_path, execution_timeout=dt.timedelta(seconds=30))
+    op = sleeper_op(tmp_path, execution_timeout=dt.timedelta(seconds=20))
     errors: list[BaseException] = []
     thread = threading.Thread(target=lambda: _record(errors, op), daemon=True)
     thread.start()

@@ -284,3 +284,42 @@ def test_labels_identify_the_task_instance_not_the_try():
     # ':' and '+' are not label characters: KubernetesPodOperator's sanitising (and so its selectors) apply.
     assert labels["run_id"].startswith("manual__2026-01-01T00") and labels["run_id"] != RUN_ID
     assert len(labels["run_id"]) <= 63
+
+
+@pytest.mark.parametrize("backend", manifests.BACKENDS)
+def test_users_pod_settings_are_merged_and_stay_valid(backend):
+    op = make_op(
+        backend=backend,
+        gpus=4,
+        gpu_type="NVIDIA-L4",
+        num_nodes=2,
+        checkpoint_uri="s3://b/c",
+        node_selector={"pool": "training"},
+        tolerations=[{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+        affinity={
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                    ]
+                }
+            }
+        },
+        service_account_name="trainer",
+        image_pull_secrets="registry-a,registry-b",
+        env_vars={"NCCL_DEBUG": "INFO"},
+    )
+    context = make_context()
+    pod = node_pod(op, context)
+    validate_custom_resource(op.build_manifest(context))
+    kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+
+    spec = pod["spec"]
+    assert spec["nodeSelector"] == {"pool": "training"}
+    assert [t["key"] for t in spec["tolerations"]] == ["dedicated", "nvidia.com/gpu"]
+    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert [e["key"] for e in term["matchExpressions"]] == ["zone", "nvidia.com/gpu.product"]
+    assert [s["name"] for s in spec["imagePullSecrets"]] == ["registry-a", "registry-b"]
+    assert env_of(spec["containers"][0])["NCCL_DEBUG"] == "INFO"

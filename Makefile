@@ -20,6 +20,7 @@ NEWEST_VENV ?= .venv-newest-python
 # The tests that train with torch; everything else in tests/unit and tests/dags runs without it.
 AIRFLOW_SIDE_TESTS := tests/unit tests/dags --ignore=tests/unit/gpu_trainer --ignore=tests/dags/test_custom_trainer.py \
 	--ignore=tests/dags/test_pipeline_topology.py --ignore=tests/dags/test_pipeline_s3_connection.py \
+	--ignore=tests/dags/test_local_preemption.py \
 	--ignore=tests/dags/test_distributed_local.py --ignore=tests/dags/test_distributed_example_local.py \
 	--deselect tests/dags/test_example_dags.py::test_pipeline_end_to_end_registers_a_champion_then_skips_an_unreachable_gate \
 	--deselect tests/dags/test_example_dags.py::test_sweep_dag_runs_one_mlflow_run_per_combination_and_picks_the_best

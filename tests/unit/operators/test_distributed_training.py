@@ -6,6 +6,7 @@ pod against Kubernetes' own schema (kubernetes-validate). Nothing here trains or
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jsonschema
@@ -114,6 +115,13 @@ def test_jobset_runs_indexed_nodes_with_torchrun_placement_from_the_environment(
     assert container["terminationMessagePath"] == contract.TERMINATION_MESSAGE_PATH
     assert env[contract.ENV_RESULT_PATH] == contract.TERMINATION_MESSAGE_PATH
     assert job["template"]["spec"]["restartPolicy"] == "Never"
+
+
+@pytest.mark.parametrize("task_id", ["1_train.Model", "__x__", "train"])
+def test_names_follow_the_trainjob_crds_name_rule(task_id):
+    """The TrainJob CRD's CEL rule (the JobSet's generated Job and pod names need the same)."""
+    name = make_op(task_id=task_id).build_manifest(make_context(task_id=task_id))["metadata"]["name"]
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
 
 
 def test_jobset_names_fit_pod_hostnames_and_differ_per_try_not_per_node():

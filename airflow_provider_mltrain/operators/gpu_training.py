@@ -502,6 +502,12 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 disruption, count, self.max_preemptions, self._checkpoint_dir(context)
             )
         )
+        if not self.checkpoint_volume and not self.checkpoint_uri:
+            self.log.warning(
+                "The checkpoint directory is an emptyDir that died with pod %s: the replacement starts "
+                "over. Set checkpoint_volume= or checkpoint_uri= so it resumes.",
+                disruption.pod_name,
+            )
         request = self.build_pod_request_obj(context)
         if request.metadata.name == disruption.pod_name:
             # name= with random_name_suffix=False: the old pod may still be terminating under that name.

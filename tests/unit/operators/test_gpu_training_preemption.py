@@ -239,16 +239,25 @@ def test_preempted_pod_is_replaced_and_the_try_succeeds(k8s_emulator, xcom_from_
     # The preempted pod is gone, whatever on_finish_action says; so is the finished one (delete_pod).
     assert not k8s_emulator.exists("pods", first["metadata"]["name"])
     assert ("pods", "default", first["metadata"]["name"]) in [d[:3] for d in k8s_emulator.deletions]
+    log = logged(caplog, capfd)
     assert (
         f"Pod {first['metadata']['name']} was preempted (PreemptionByScheduler: Preempted in order to admit "
         f"critical pod); starting replacement 1 of 3 from the checkpoint in {dirs[0]}"
-    ) in logged(caplog, capfd)
+    ) in log
+    # Without a PVC or URI the checkpoint was on the pod's emptyDir: the log says the replacement starts over.
+    assert f"emptyDir that died with pod {first['metadata']['name']}" in log
 
 
-def test_deferrable_count_travels_through_the_trigger(k8s_emulator, xcom_from_pod):
-    Kubelet(k8s_emulator, ["preempted", "preempted", "succeeded"])
-    result, deferrals = run_deferrable(make_context(), max_preemptions=2)
+def test_deferrable_count_travels_through_the_trigger(k8s_emulator, xcom_from_pod, caplog, capfd):
+    kubelet = Kubelet(k8s_emulator, ["preempted", "preempted", "succeeded"])
+    volume = {"claim_name": "checkpoints", "mount_path": "/ckpt"}
+    result, deferrals = run_deferrable(make_context(), max_preemptions=2, checkpoint_volume=volume)
     assert result == RESULT
+    dirs = kubelet.checkpoint_dirs()
+    assert len(set(dirs)) == 1 and dirs[0].startswith("/ckpt/")
+    log = logged(caplog, capfd)
+    assert "starting replacement 2 of 2 from the checkpoint in /ckpt/" in log
+    assert "emptyDir" not in log
     # The first trigger carries no count; each replacement's trigger carries the count so far.
     assert [d.get(PREEMPTIONS_EVENT_KEY) for d in deferrals] == [None, 1, 2]
 

@@ -15,6 +15,10 @@ A training script of your own needs five calls and no knowledge of the variables
     tags = contract.lineage_tags(contract.lineage())
     if contract.is_main_process():
         contract.report_result(run_id=..., model_uri=..., metrics={...}, params=hp)
+
+Preemption: on SIGTERM (an evicted pod, a drained or reclaimed spot node) save a checkpoint and exit with
+:data:`PREEMPTED_EXIT_CODE`; the launcher starts the script again on the same checkpoint directory without
+spending one of the task's retries (``gpu_trainer.preemption`` does this for the bundled trainer).
 """
 
 from __future__ import annotations

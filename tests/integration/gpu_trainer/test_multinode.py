@@ -4,7 +4,11 @@ same checkpoint; ranks that see different checkpoints stop with a clear error in
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+import time
 
 from mlflow.tracking import MlflowClient
 
@@ -84,3 +88,43 @@ def test_ranks_that_see_different_checkpoints_stop_with_a_clear_error(tmp_path, 
     assert "the ranks see different checkpoints" in text, text[-4000:]
     assert "rank 0: ckpt-" in text and "rank 1: none" in text
     assert "ReadWriteMany" in text
+
+
+def test_a_preempted_node_restarts_the_set_which_resumes_from_the_shared_checkpoint(tmp_path, digits_dir):
+    # Slow enough to be stopped mid-run: small batches, twelve epochs (about a second each on 2 cores).
+    args = [*ARGS, "--data", str(digits_dir), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    args[args.index("--epochs") + 1] = "12"
+    args[args.index("--batch-size") + 1] = "8"
+    lines = Lines()
+    launcher = LocalNodesLauncher(
+        lines,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        num_nodes=2,
+        nproc_per_node=1,
+        timeout_s=400,
+        max_restarts=1,
+    )
+    env = trainer_env(f"sqlite:///{tmp_path / 'mlflow.db'}", MLFLOW_EXPERIMENT_NAME="preempted")
+    outcome: dict = {}
+    runner = threading.Thread(
+        target=lambda: outcome.update(run=launcher.run(["torchrun", "-m", "gpu_trainer.train", *args], env))
+    )
+    runner.start()
+    deadline = time.monotonic() + 240
+    while not checkpoint.list_checkpoints(str(tmp_path / "ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.list_checkpoints(str(tmp_path / "ckpt")), "\n".join(lines.lines[-40:])
+    # The kubelet's SIGTERM to node 1's container (its torchrun agent), as when that node is reclaimed.
+    os.kill(launcher._processes[1].proc.pid, signal.SIGTERM)
+    runner.join(400)
+
+    run = outcome["run"]
+    assert run.returncode == 0, "\n".join(lines.lines[-60:])
+    assert run.restarts == 1 and run.result is not None
+    assert any("restarting all 2 nodes (restart 1 of 1)" in line for line in lines.lines)
+    assert run.result["resumed_from_epoch"] is not None and run.result["params"]["world_size"] == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("preempted").experiment_id])
+    assert [r.info.run_id for r in runs] == [run.result["run_id"]]  # the restart continued the same run
+    history = client.get_metric_history(run.result["run_id"], "val_accuracy")
+    assert sorted({m.step for m in history}) == list(range(1, 13))

@@ -707,8 +707,9 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         self.patch_already_checked(remote_pod, reraise=False)
         try:
             self.pod_manager.delete_pod(remote_pod)
-        except ApiException as err:
-            if err.status != 404:
+        except Exception as err:
+            # A pod that is already gone is what we wanted; anything else must not stop the replacement.
+            if getattr(err, "status", None) != 404:
                 self.log.warning("Could not delete the preempted pod %s: %s", remote_pod.metadata.name, err)
 
     def _triage_context(self) -> TriageContext:
@@ -863,7 +864,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             self._local_launcher = None
         if run.returncode == contract.PREEMPTED_EXIT_CODE and run.preemptions > self.max_preemptions:
             raise GPUTrainingFailure(
-                f"Local trainer was preempted {run.preemptions} times (exit {run.returncode} after a SIGTERM "
+                f"Local trainer was preempted {run.preemptions} time(s) (exit {run.returncode} after a SIGTERM "
                 f"that did not come from Airflow): max_preemptions={self.max_preemptions} restarts are spent. "
                 f"The next Airflow retry (if any) resumes from the checkpoint in {checkpoint_dir}; raise "
                 "max_preemptions= to restart more often within one try."

@@ -127,5 +127,5 @@ def test_max_preemptions_zero_fails_naming_the_count(local_env, digits, capfd):
     ti = dag_run.get_task_instance("train")
     assert (dag_run.state, ti.state, ti.try_number) == ("failed", "failed", 1)
     log = "".join(capfd.readouterr())
-    assert "Local trainer was preempted 1 times" in log
+    assert "Local trainer was preempted 1 time(s)" in log
     assert "max_preemptions=0 restarts are spent" in log

@@ -167,7 +167,7 @@ def test_operator_with_max_preemptions_zero_fails_naming_the_count(local_root, t
     os.kill(started_pids(pids, 1)[0], signal.SIGTERM)
     thread.join(30)
     assert isinstance(out[0], GPUTrainingFailure)
-    assert "Local trainer was preempted 1 times" in str(out[0])
+    assert "Local trainer was preempted 1 time(s)" in str(out[0])
     assert "max_preemptions=0 restarts are spent" in str(out[0])
 
 

@@ -624,8 +624,13 @@ class DistributedTrainingOperator(BaseOperator):
             self._local_nodes = None
         if run.returncode != 0:
             cause = triage(None, manifests.NODE_NAME, run.tail, self._triage_context())
+            which = (
+                f"node {run.failed_node} of {self.num_nodes}"
+                if run.failed_node is not None
+                else f"the {self.num_nodes} nodes (stopped)"
+            )
             message = (
-                f"Local trainer: node {run.failed_node} of {self.num_nodes} exited with code {run.returncode} "
+                f"Local trainer: {which} exited with code {run.returncode} "
                 f"(after {run.restarts} of max_restarts={self.max_restarts} restarts): {run.command}"
             )
             if cause:

@@ -4,6 +4,8 @@
 One `GPUTrainingPodOperator` per hyperparameter combination (dynamic task mapping), each its own
 MLflow run; `compare` ranks them and returns the best. Point `data` at a Parquet file or directory
 (`s3://...` in the cluster, a local path with the local launcher).
+
+Every combination pays for every epoch here; `adaptive_sweep.py` stops the bad ones early (successive halving).
 """
 
 from __future__ import annotations

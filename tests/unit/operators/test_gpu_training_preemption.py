@@ -2,17 +2,16 @@
 
 The operator runs KubernetesPodOperator's real code with the real ``kubernetes`` client (and, deferrable,
 the real ``KubernetesPodTrigger`` with ``kubernetes_asyncio``) against the Kubernetes API emulator
-(:mod:`tests.fixtures.k8s_emulator`). The test plays scheduler and kubelet (:class:`Kubelet`): it binds each
-created pod to a node, runs it, and ends it the way the scenario says (a ``DisruptionTarget`` eviction, a
-node shutdown, the pod vanishing with its node, a crash, success). Only the XCom read is replaced: it is an
-``exec`` into the sidecar over a websocket, which the emulator does not serve; the stand-in returns the
-result the kubelet stored on that very pod.
+(:mod:`tests.fixtures.k8s_emulator`). The test plays scheduler and kubelet
+(:class:`tests.fixtures.pod_kubelet.Kubelet`): it binds each created pod to a node, runs it, and ends it the
+way the scenario says (a ``DisruptionTarget`` eviction, a node shutdown, the pod vanishing with its node, a
+crash, success). Only the XCom read is replaced (an ``exec`` the emulator does not serve; see
+:func:`tests.fixtures.pod_kubelet.serve_xcom_from_pods`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import pytest
@@ -21,147 +20,14 @@ from airflow.exceptions import AirflowException, TaskDeferred
 from airflow_provider_mltrain.operators._preemption import PREEMPTIONS_EVENT_KEY
 from airflow_provider_mltrain.operators._triage import GPUTrainingFailure
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
-from gpu_trainer import contract
 from tests.fixtures.gpu_operator import IMAGE, make_context
 from tests.fixtures.k8s_emulator import KubernetesEmulator
-
-RESULT = contract.make_result(
-    run_id="resumed-run",
-    model_uri="runs:/resumed-run/model",
-    metrics={"val_accuracy": 0.97, "val_loss": 0.1, "train_loss": 0.05, "val_f1": 0.96},
-    params={"lr": 0.01},
-    resumed_from_epoch=2,
-)
-RESULT_ANNOTATION = "test.mltrain/result"
-SIDECAR = "airflow-xcom-sidecar"
-
-
-def _container(name: str, state: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "image": IMAGE,
-        "imageID": "",
-        "ready": "running" in state,
-        "restartCount": 0,
-        "state": state,
-    }
-
-
-class Kubelet:
-    """Plays scheduler and kubelet in the emulator: each created pod runs on a node of its own, and after
-    ``reads`` GETs of it ends as the next of ``endings`` says.
-
-    :param endings: per created pod, in order: ``preempted`` (DisruptionTarget PreemptionByScheduler),
-        ``node_shutdown`` (kubelet's graceful node shutdown, no condition), ``vanished_with_node``,
-        ``vanished`` (the pod deleted, its node still there), ``crashed`` (exit 1), ``succeeded``.
-    """
-
-    def __init__(self, emulator: KubernetesEmulator, endings: list[str], *, reads: int = 3) -> None:
-        self.emulator = emulator
-        self.endings = list(endings)
-        self.reads_before_end = reads
-        self.created: list[dict[str, Any]] = []
-        self._reads: dict[str, int] = {}
-        self._ending: dict[str, str] = {}
-        emulator.on_create("pods", self._start)
-        emulator.on_read("pods", self._advance)
-
-    def _start(self, emulator: KubernetesEmulator, pod: dict[str, Any]) -> None:
-        name = pod["metadata"]["name"]
-        node = f"spot-node-{len(self.created)}"
-        self.created.append(pod)
-        self._ending[name] = self.endings[len(self.created) - 1]
-        # Nodes are cluster-scoped: namespace "" (what GET /api/v1/nodes/<name> looks up).
-        emulator.create(
-            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "namespace": ""}}, plural="nodes"
-        )
-        emulator.patch(
-            "pods",
-            name,
-            {
-                "spec": {"nodeName": node},
-                "status": {
-                    "phase": "Running",
-                    "conditions": [{"type": "PodScheduled", "status": "True"}],
-                    "containerStatuses": [
-                        _container("base", {"running": {}}),
-                        _container(SIDECAR, {"running": {}}),
-                    ],
-                },
-            },
-        )
-
-    def _advance(self, emulator: KubernetesEmulator, pod: dict[str, Any]) -> None:
-        name = pod["metadata"]["name"]
-        self._reads[name] = self._reads.get(name, 0) + 1
-        if self._reads[name] != self.reads_before_end:
-            return
-        ending = self._ending[name]
-        node = pod["spec"]["nodeName"]
-        if ending.startswith("vanished"):
-            emulator.delete("pods", name)
-            if ending == "vanished_with_node":
-                emulator.delete("nodes", node, namespace="")
-            return
-        status: dict[str, Any]
-        if ending == "succeeded":
-            status = {
-                "phase": "Running",  # the sidecar still serves the result
-                "containerStatuses": [
-                    _container("base", {"terminated": {"exitCode": 0, "reason": "Completed"}}),
-                    _container(SIDECAR, {"running": {}}),
-                ],
-            }
-            emulator.patch(
-                "pods", name, {"metadata": {"annotations": {RESULT_ANNOTATION: json.dumps(RESULT)}}}
-            )
-        else:
-            status = {
-                "phase": "Failed",
-                "containerStatuses": [
-                    _container("base", {"terminated": {"exitCode": 143 if ending != "crashed" else 1}}),
-                    _container(SIDECAR, {"terminated": {"exitCode": 0}}),
-                ],
-            }
-            if ending == "preempted":
-                status["conditions"] = [
-                    {"type": "PodScheduled", "status": "True"},
-                    {
-                        "type": "DisruptionTarget",
-                        "status": "True",
-                        "reason": "PreemptionByScheduler",
-                        "message": "Preempted in order to admit critical pod",
-                    },
-                ]
-            elif ending == "node_shutdown":
-                status["reason"] = "Terminated"
-                status["message"] = "Pod was terminated in response to imminent node shutdown."
-        emulator.patch("pods", name, {"status": status})
-
-    def checkpoint_dirs(self) -> list[str]:
-        return [
-            next(
-                e["value"]
-                for e in pod["spec"]["containers"][0]["env"]
-                if e["name"] == contract.ENV_CHECKPOINT_DIR
-            )
-            for pod in self.created
-        ]
+from tests.fixtures.pod_kubelet import RESULT, Kubelet, serve_xcom_from_pods
 
 
 @pytest.fixture
 def xcom_from_pod(k8s_emulator: KubernetesEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sidecar ``exec`` stand-in: the result the kubelet stored on the pod, or the sidecar is gone."""
-    from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager
-
-    def extract_xcom(self: PodManager, pod: Any, **kwargs: Any) -> str:
-        stored = k8s_emulator.get("pods", pod.metadata.name)
-        annotations = stored["metadata"].get("annotations") or {}
-        if RESULT_ANNOTATION not in annotations:
-            raise AirflowException(f"xcom sidecar of pod {pod.metadata.name} is not running")
-        return annotations[RESULT_ANNOTATION]
-
-    monkeypatch.setattr(PodManager, "extract_xcom", extract_xcom)
+    serve_xcom_from_pods(k8s_emulator, monkeypatch)
 
 
 def make_op(**kwargs: Any) -> GPUTrainingPodOperator:

@@ -78,7 +78,9 @@ def successive_halving(
     :param seed: seeds the random draws (None: different configurations in every DAG run).
     :param min_successful: successful trials each round needs (capped at the round's size).
     :returns: the best trial's result (``run_id``, ``model_uri``, ``metrics``, ``params``, ...) plus
-        ``trial``, ``leaderboard`` (every trial, best first), ``trained_epochs`` and ``parent_run_id``.
+        ``trial``, ``leaderboard`` (every trial, best first), ``trained_epochs`` (the epochs the
+        successful tries trained, from their ``resumed_from_epoch``) and ``parent_run_id`` (None without
+        MLflow).
     :raises ValueError: at parse time, naming the argument, for a bad search space or budget.
     """
     from airflow.sdk import TaskGroup

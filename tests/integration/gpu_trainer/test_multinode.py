@@ -14,26 +14,15 @@ from mlflow.tracking import MlflowClient
 
 from airflow_provider_mltrain.launchers.local_nodes import LocalNodesLauncher
 from gpu_trainer import checkpoint
+from tests.fixtures.logs import ListLog
 from tests.fixtures.trainer_runs import trainer_env
 
 #: Small and fixed: both runs of a test must agree on every field that changes the math.
 ARGS = ["--epochs", "2", "--batch-size", "64", "--lr", "0.002", "--seed", "7", "--hidden-dim", "32"]
 
 
-class Lines:
-    """Collects the launcher's log lines (each prefixed with its node rank)."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def info(self, msg: str, *args: object) -> None:
-        self.lines.append(msg % args)
-
-    warning = info
-
-
 def run_two_nodes(tmp_path, digits_dir, command, *, epochs: int, experiment: str = "multinode"):
-    lines = Lines()
+    lines = ListLog()
     launcher = LocalNodesLauncher(
         lines, checkpoint_dir=str(tmp_path / "ckpt"), num_nodes=2, nproc_per_node=1, timeout_s=240
     )
@@ -75,7 +64,7 @@ def test_ranks_that_see_different_checkpoints_stop_with_a_clear_error(tmp_path, 
     command = ["torchrun", "--no-python", "sh", "-c", per_node, str(tmp_path)]
     (tmp_path / "node-1").mkdir()
     one_node = LocalNodesLauncher(
-        Lines(), checkpoint_dir=str(tmp_path / "ckpt"), num_nodes=1, nproc_per_node=1, timeout_s=240
+        ListLog(), checkpoint_dir=str(tmp_path / "ckpt"), num_nodes=1, nproc_per_node=1, timeout_s=240
     )
     env = trainer_env(f"sqlite:///{tmp_path / 'mlflow.db'}", MLFLOW_EXPERIMENT_NAME="local-dirs")
     seeded = one_node.run([*command, *ARGS, "--epochs", "1", "--data", str(digits_dir)], env)
@@ -95,7 +84,7 @@ def test_a_preempted_node_restarts_the_set_which_resumes_from_the_shared_checkpo
     args = [*ARGS, "--data", str(digits_dir), "--checkpoint-dir", str(tmp_path / "ckpt")]
     args[args.index("--epochs") + 1] = "12"
     args[args.index("--batch-size") + 1] = "8"
-    lines = Lines()
+    lines = ListLog()
     launcher = LocalNodesLauncher(
         lines,
         checkpoint_dir=str(tmp_path / "ckpt"),

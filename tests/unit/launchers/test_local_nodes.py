@@ -16,8 +16,8 @@ import pytest
 from airflow_provider_mltrain.launchers.local import LocalTrainerTimeout
 from airflow_provider_mltrain.launchers.local_nodes import LocalNodesLauncher, node_command, node_environment
 from gpu_trainer import contract
+from tests.fixtures.logs import ListLog
 from tests.fixtures.processes import alive, wait_for
-from tests.unit.launchers.test_local import ListLog
 
 #: A node that reports its torchrun settings and, on node 0, writes the result; ``fail_node`` fails one node
 #: (on its first attempt only, when a marker directory is given).

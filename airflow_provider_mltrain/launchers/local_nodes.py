@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -152,6 +153,50 @@ def node_environment(
     )
 
 
+def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
+    """This machine's GPUs as ``CUDA_VISIBLE_DEVICES`` entries: the worker's own ``CUDA_VISIBLE_DEVICES``
+    when set, else one index per GPU ``nvidia-smi -L`` lists (none without ``nvidia-smi``).
+
+    :param environ: the worker's environment; ``os.environ`` when None.
+    """
+    source = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in source:
+        return [device.strip() for device in source["CUDA_VISIBLE_DEVICES"].split(",") if device.strip()]
+    program = shutil.which("nvidia-smi", path=source.get("PATH"))
+    if program is None:
+        return []
+    try:
+        listing = subprocess.run([program, "-L"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    count = sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
+    return [str(index) for index in range(count)]
+
+
+def gpu_slices(num_nodes: int, gpus_per_node: int, available: Sequence[str]) -> list[str] | None:
+    """Each node's ``CUDA_VISIBLE_DEVICES``: GPUs of its own, as each pod has on the cluster (otherwise
+    every node's local rank 0 would pick ``cuda:0``, and NCCL refuses two ranks on one GPU).
+
+    :param num_nodes: how many nodes.
+    :param gpus_per_node: GPUs each node asks for (the operator's ``gpus``).
+    :param available: this machine's GPUs (:func:`visible_gpus`).
+    :returns: one entry per node; None when nothing is split (no GPUs asked for or seen, or one node).
+    :raises ValueError: when the nodes together ask for more GPUs than this machine shows.
+    """
+    if gpus_per_node == 0 or num_nodes == 1 or not available:
+        return None
+    needed = num_nodes * gpus_per_node
+    if len(available) < needed:
+        raise ValueError(
+            f"launcher='local': num_nodes={num_nodes} x gpus={gpus_per_node} needs {needed} GPUs (each node "
+            f"its own, as on the cluster) but this machine shows {len(available)} ({','.join(available)}); "
+            "lower num_nodes or gpus, or set gpus=0 to train on CPUs"
+        )
+    return [
+        ",".join(available[rank * gpus_per_node : (rank + 1) * gpus_per_node]) for rank in range(num_nodes)
+    ]
+
+
 class _NodeLog:
     """A logger that puts the node's rank in front of every line (``[node 1] [trainer] ...``)."""
 
@@ -194,6 +239,8 @@ class LocalNodesLauncher:
     :param kill_grace_s: seconds between SIGTERM and SIGKILL on stop, timeout or a failed node.
     :param max_restarts: how many times a failed node restarts every node (JobSet's
         ``failurePolicy.maxRestarts``); each attempt resumes from the checkpoint directory.
+    :param gpus_per_node: GPUs each node asks for: with several nodes each gets that many of this
+        machine's GPUs as its ``CUDA_VISIBLE_DEVICES`` (:func:`gpu_slices`).
     """
 
     def __init__(
@@ -206,6 +253,7 @@ class LocalNodesLauncher:
         timeout_s: float | None = None,
         kill_grace_s: float = DEFAULT_KILL_GRACE_S,
         max_restarts: int = 0,
+        gpus_per_node: int = 0,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes={num_nodes!r}: must be >= 1")
@@ -220,6 +268,7 @@ class LocalNodesLauncher:
         self.timeout_s = timeout_s
         self.kill_grace_s = kill_grace_s
         self.max_restarts = max_restarts
+        self.gpus_per_node = gpus_per_node
         self._processes: list[LocalProcess] = []
         # Reentrant: Airflow calls on_kill (stop) from a signal handler, which may run in this thread while
         # it holds the lock to start the nodes.
@@ -235,8 +284,10 @@ class LocalNodesLauncher:
         :raises LocalTrainerTimeout: when the nodes ran past ``timeout_s`` (they were stopped).
         :raises gpu_trainer.contract.ContractError: when every node exited 0 but node 0 wrote no valid
             result.
+        :raises ValueError: when the nodes ask for more GPUs than this machine shows.
         """
         cmd = local_command(cmds)
+        gpus = gpu_slices(self.num_nodes, self.gpus_per_node, visible_gpus())
         if self.num_nodes > 1 and cmd[1:3] != ["-m", "torch.distributed.run"]:
             self.log.warning(
                 "Local launcher: the node command %s does not start with torchrun: each of the %d nodes "
@@ -249,7 +300,7 @@ class LocalNodesLauncher:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         restarts = 0
         while True:
-            outcome = self._attempt(cmd, env, deadline, restarts)
+            outcome = self._attempt(cmd, env, deadline, restarts, gpus)
             if outcome.failed_node is None or self._stopped or restarts >= self.max_restarts:
                 return outcome
             restarts += 1
@@ -265,7 +316,12 @@ class LocalNodesLauncher:
             )
 
     def _attempt(
-        self, cmd: list[str], env: Mapping[str, str], deadline: float | None, restarts: int
+        self,
+        cmd: list[str],
+        env: Mapping[str, str],
+        deadline: float | None,
+        restarts: int,
+        gpus: list[str] | None,
     ) -> LocalNodesRun:
         result_dir = tempfile.mkdtemp(prefix="mltrain-result-")
         # One result path per node, as each pod has its own: only node 0's counts.
@@ -284,6 +340,8 @@ class LocalNodesLauncher:
                 master_port=master_port,
                 result_path=path,
             )
+            if gpus is not None:
+                node_env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
             processes.append(
                 LocalProcess(cmd, node_env, _NodeLog(self.log, rank), kill_grace_s=self.kill_grace_s)
             )

@@ -612,6 +612,7 @@ class DistributedTrainingOperator(BaseOperator):
             timeout_s=self.execution_timeout.total_seconds() if self.execution_timeout else None,
             kill_grace_s=self.local_kill_grace_seconds,
             max_restarts=self.max_restarts,
+            gpus_per_node=self.gpus,
         )
         self._local_nodes = launcher
         try:

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_mltrain.launchers.local import LocalTrainerTimeout
-from airflow_provider_mltrain.launchers.local_nodes import LocalNodesLauncher, node_command, node_environment
+from airflow_provider_mltrain.launchers.local_nodes import (
+    LocalNodesLauncher,
+    gpu_slices,
+    node_command,
+    node_environment,
+    visible_gpus,
+)
 from gpu_trainer import contract
 from tests.fixtures.logs import ListLog
 from tests.fixtures.processes import alive, wait_for
@@ -27,7 +33,8 @@ NODE_SCRIPT = textwrap.dedent(
     from gpu_trainer import contract
 
     rank = int(os.environ[contract.ENV_NODE_RANK])
-    print(json.dumps({name: os.environ.get(name) for name in (*contract.TORCHRUN_ENV_VARS, "RANK", "EXTRA")}))
+    names = (*contract.TORCHRUN_ENV_VARS, "RANK", "EXTRA", "CUDA_VISIBLE_DEVICES")
+    print(json.dumps({name: os.environ.get(name) for name in names}))
     fail_node, marker_dir = int(sys.argv[1]), sys.argv[2]
     first_try = not os.path.exists(os.path.join(marker_dir, f"tried-{rank}"))
     open(os.path.join(marker_dir, f"tried-{rank}"), "w").close()
@@ -106,7 +113,9 @@ def test_node_environment_replaces_the_workers_torchrun_placement():
     }
 
 
-def run_nodes(tmp_path: Path, *, fail_node: int = -1, max_restarts: int = 0, num_nodes: int = 3):
+def run_nodes(
+    tmp_path: Path, *, fail_node: int = -1, max_restarts: int = 0, num_nodes: int = 3, gpus_per_node: int = 0
+):
     script = tmp_path / "node.py"
     script.write_text(NODE_SCRIPT)
     log = ListLog()
@@ -118,22 +127,30 @@ def run_nodes(tmp_path: Path, *, fail_node: int = -1, max_restarts: int = 0, num
         timeout_s=60,
         kill_grace_s=1,
         max_restarts=max_restarts,
+        gpus_per_node=gpus_per_node,
     )
     env = {"EXTRA": "x", "PYTHONPATH": os.getcwd()}
     return launcher.run(["python", str(script), str(fail_node), str(tmp_path)], env), log
 
 
-def test_every_node_gets_its_rank_and_node_0s_result_is_returned(tmp_path):
-    run, log = run_nodes(tmp_path)
-
-    assert run.returncode == 0 and run.returncodes == [0, 0, 0] and run.failed_node is None
-    assert run.result is not None and run.result["run_id"] == "r"
+def node_settings(log: ListLog) -> dict[int, dict]:
+    """What each node printed (NODE_SCRIPT's first line), by node rank."""
     seen = {}
     for line in log.lines:
         for rank in range(3):
             prefix = f"[node {rank}] [trainer] "
-            if line.startswith(prefix):
+            if line.startswith(prefix) and line.endswith("}"):
                 seen[rank] = json.loads(line[len(prefix) :])
+    return seen
+
+
+def test_every_node_gets_its_rank_and_node_0s_result_is_returned(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # GPUs are split only when a node asks for some
+    run, log = run_nodes(tmp_path)
+
+    assert run.returncode == 0 and run.returncodes == [0, 0, 0] and run.failed_node is None
+    assert run.result is not None and run.result["run_id"] == "r"
+    seen = node_settings(log)
     ports = {settings[contract.ENV_MASTER_PORT] for settings in seen.values()}
     assert len(ports) == 1 and int(ports.pop()) > 0
     for rank, settings in seen.items():
@@ -141,6 +158,7 @@ def test_every_node_gets_its_rank_and_node_0s_result_is_returned(tmp_path):
         assert settings[contract.ENV_NNODES] == "3" and settings[contract.ENV_NPROC_PER_NODE] == "2"
         assert settings[contract.ENV_MASTER_ADDR] == "127.0.0.1"
         assert settings["RANK"] is None and settings["EXTRA"] == "x"
+        assert settings["CUDA_VISIBLE_DEVICES"] == "0,1"  # the worker's, unchanged
     assert sorted(seen) == [0, 1, 2]
     assert (tmp_path / "ckpt").is_dir()
 
@@ -157,6 +175,32 @@ def test_max_restarts_restarts_every_node(tmp_path):
 
     assert run.returncode == 0 and run.restarts == 1 and run.result is not None
     assert any("restarting all 2 nodes (restart 1 of 2)" in line for line in log.lines)
+
+
+def test_each_node_gets_gpus_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7,GPU-abc")
+    run, log = run_nodes(tmp_path, num_nodes=2, gpus_per_node=2)
+
+    assert run.returncode == 0
+    assert {rank: s["CUDA_VISIBLE_DEVICES"] for rank, s in node_settings(log).items()} == {0: "3,5", 1: "6,7"}
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    with pytest.raises(ValueError, match=r"num_nodes=2 x gpus=2 needs 4 GPUs .* shows 3 \(0,1,2\)"):
+        run_nodes(tmp_path, num_nodes=2, gpus_per_node=2)
+
+
+def test_visible_gpus_from_nvidia_smi_or_none(tmp_path):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-1)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-2)'\n"
+    )
+    fake.chmod(0o755)
+    assert visible_gpus({"PATH": str(tmp_path)}) == ["0", "1"]
+    assert visible_gpus({"PATH": str(tmp_path / "none")}) == []
+    assert visible_gpus({"PATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}) == []
+    assert gpu_slices(2, 1, []) is None  # no GPUs here: the nodes train on CPUs
+    assert gpu_slices(1, 8, ["0"]) is None  # one node: nothing to split
+    assert gpu_slices(2, 0, ["0", "1"]) is None
 
 
 #: A node like a torchrun agent: it starts its worker in a session of its own, which then starts a child

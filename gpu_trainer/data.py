@@ -316,5 +316,16 @@ def iterate_batches(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,
+        worker_init_fn=_ignore_sigterm,
     )
     yield from loader
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """A DataLoader worker leaves SIGTERM to the trainer: sent to the whole process group
+    (``kill -TERM -<pgid>``) it would otherwise kill the workers, and a batch the trainer still needs
+    before it stops (under torchrun the ranks stop a step after the signal) would never come. The workers
+    end with the loader, or with the trainer (they watch it)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -44,10 +44,11 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_the_restart_ends_equal(
     env = trainer_env(uri, MLFLOW_EXPERIMENT_NAME="preempted")
     # A progress line every step: the test signals at a known point, the output shows the last step run.
     args = [*trainer_args(digits_dir, tmp_path), "--log-every-steps", "1"]
-    trainer = TrainerProcess(args, env)
+    # With a DataLoader worker, and the signal sent to the whole process group (`kill -TERM -<pgid>`).
+    trainer = TrainerProcess([*args, "--num-workers", "1"], env)
     try:
         trainer.wait_for("epoch 2/4 step 3/")
-        trainer.proc.send_signal(signal.SIGTERM)
+        trainer.signal_group(signal.SIGTERM)
         output = trainer.finish(timeout=120)
     finally:
         trainer.kill()

@@ -2,8 +2,9 @@
 
 Each node runs exactly the command and literal environment of the manifest's ``node`` container, with
 torchrun's rendezvous settings (:data:`gpu_trainer.contract.TORCHRUN_ENV_VARS`) set the way the cluster sets
-them: the node's rank, the node and process counts, and the leader at 127.0.0.1 on a free port. So the
-manifest's own command line is exercised for real, down to the gloo (CPU) or NCCL rendezvous.
+them: the node's rank, the node and process counts, and the leader at 127.0.0.1 on a free port (and with
+GPUs, each node its own share of this machine's). So the manifest's own command line is exercised for real,
+down to the gloo (CPU) or NCCL rendezvous.
 
 Like the cluster engines, a failed node fails the whole set: the other nodes are stopped, and with
 ``max_restarts`` every node starts again (JobSet's ``failurePolicy.maxRestarts``), resuming from the shared

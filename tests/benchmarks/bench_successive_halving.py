@@ -96,19 +96,33 @@ def run_sweep(
             if ti.task_id.startswith("tune.round_") and ti.state == "success"
         )
         best_value, best_params = best["metrics"][METRIC], best["params"]
+        # How far each configuration got: (epochs, value at its last round, status).
+        per_config = {
+            _config_key(row["params"]): (row["epochs"], row[METRIC], row["status"])
+            for row in best["leaderboard"]
+        }
     else:
         results = [xcom_value(dag_run, "train", map_index=i) for i in range(n_configs)]
         run_ids = [r["run_id"] for r in results]
         processes = len(results)
         top = max(results, key=lambda r: r["metrics"][METRIC])
         best_value, best_params = top["metrics"][METRIC], top["params"]
+        per_config = {
+            _config_key(r["params"]): (max_epochs, r["metrics"][METRIC], "finished") for r in results
+        }
     return {
         "run_ids": run_ids,
         "processes": processes,
         "wall": wall,
         "best": best_value,
         "best_config": {k: best_params.get(k) for k in SEARCH_SPACE},
+        "per_config": per_config,
     }
+
+
+def _config_key(params: dict[str, Any]) -> tuple[Any, ...]:
+    """A configuration's identity in both sweeps' results (the trainer reports its params back)."""
+    return tuple(params.get(name) for name in SEARCH_SPACE)
 
 
 def trainer_epochs(run_ids: list[str]) -> int:
@@ -166,6 +180,11 @@ def main() -> int:
             f"{name:24s} {row['epochs']:14d} {row['processes']:9d} {row['wall']:8.1f} {row['best']:18.4f}  "
             f"{row['best_config']}"
         )
+    print(f"per configuration {tuple(SEARCH_SPACE)}: halving (epochs, {METRIC}, status) | grid at max_epochs")
+    for config in sorted(grid["per_config"], key=lambda c: -grid["per_config"][c][1]):
+        epochs, value, status = sh["per_config"].get(config, (0, None, "missing"))
+        shown = "-" if value is None else f"{value:.4f}"
+        print(f"  {config!s:24s} {epochs:2d} {shown:>7s} {status:9s} | {grid['per_config'][config][1]:.4f}")
     print(f"planned halving epochs (arithmetic)  {planned_epochs(rounds)}")
     print(f"ratio epochs halving/grid            {sh['epochs'] / grid['epochs']:.3f}  (goal <= 0.333)")
     print(f"ratio wall halving/grid              {sh['wall'] / grid['wall']:.3f}")

@@ -156,26 +156,78 @@ class LocalProcess:
         return rc
 
     def stop(self) -> None:
-        """SIGTERM the process group, then SIGKILL after the grace period."""
+        """SIGTERM the process group, then SIGKILL it and every descendant after the grace period."""
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
         self.log.warning("Local launcher: stopping trainer process group %s", proc.pid)
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + self.kill_grace_s
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        if proc.poll() is None:
+        if stop_process_groups([proc], self.kill_grace_s):
             self.log.warning(
                 "Local launcher: trainer ignored SIGTERM for %.0fs, sending SIGKILL", self.kill_grace_s
             )
-        # The leader may be gone while its children linger: the group gets SIGKILL either way.
-        with contextlib.suppress(ProcessLookupError):
+
+
+def stop_process_groups(procs: Sequence[subprocess.Popen[Any]], kill_grace_s: float) -> bool:
+    """SIGTERM each process group, wait ``kill_grace_s`` for all, then SIGKILL what is left.
+
+    Only the leaders' groups get SIGTERM: torchrun forwards it to its workers once (a second SIGTERM would
+    cut short the checkpoint a trainer writes on the first). A process in a session of its own (torchrun
+    starts each worker with ``start_new_session``) is outside the leader's group, so the descendants found
+    while the leaders lived get SIGKILL too, with their groups: nothing outlives the task.
+
+    :param procs: the leaders, each started with ``start_new_session=True``.
+    :param kill_grace_s: seconds between SIGTERM and SIGKILL.
+    :returns: whether anything was still running when the grace period ran out.
+    """
+    if not procs:
+        return False
+    descendants = _descendants([proc.pid for proc in procs])
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    grace_end = time.monotonic() + kill_grace_s
+    outlived = True
+    while time.monotonic() < grace_end:
+        if any(proc.poll() is None for proc in procs):
+            descendants |= _descendants([proc.pid for proc in procs if proc.poll() is None])
+        elif not any(_alive(pid) for pid in descendants):
+            outlived = False
+            break
+        time.sleep(0.05)
+    own_group = os.getpgid(0)
+    # The leader may be gone while its children linger: the groups get SIGKILL either way.
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+    for pid in descendants:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            group = os.getpgid(pid)
+            if group != own_group:
+                os.killpg(group, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+    for proc in procs:
         proc.wait()
+    return outlived
+
+
+def _descendants(pids: Sequence[int]) -> set[int]:
+    """Every living descendant of ``pids`` (children first started in sessions of their own included)."""
+    import psutil
+
+    found: set[int] = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def local_checkpoint_root() -> str:

@@ -14,7 +14,6 @@ of its own, so the launcher also tracks the agents' descendants and stops their 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -34,6 +33,7 @@ from airflow_provider_mltrain.launchers.local import (
     LocalTrainerTimeout,
     child_environment,
     local_command,
+    stop_process_groups,
 )
 from airflow_provider_mltrain.operators._manifests import NODE_NAME
 from gpu_trainer import contract
@@ -434,60 +434,12 @@ class LocalNodesLauncher:
         self._stop_processes(processes)
 
     def _stop_processes(self, processes: list[LocalProcess]) -> None:
-        """SIGTERM each node's process group, wait ``kill_grace_s`` for all, then SIGKILL what is left.
-
-        Only the agents' groups get SIGTERM: torchrun forwards it to its workers once (a second SIGTERM
-        would cut short the checkpoint a trainer writes on the first). The workers' own groups (torchrun
-        starts each in a new session) get SIGKILL with everything else that outlived the grace period.
-        """
+        """Stop every node's process group and every process in it or below it
+        (:func:`~airflow_provider_mltrain.launchers.local.stop_process_groups`)."""
         started = [process.proc for process in processes if process.proc is not None]
-        if not started:
-            return
-        descendants = _descendants([proc.pid for proc in started])
         live = [proc for proc in started if proc.poll() is None]
         if live:
             self.log.warning(
                 "Local launcher: stopping %d node process groups %s", len(live), [proc.pid for proc in live]
             )
-        for proc in started:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        grace_end = time.monotonic() + self.kill_grace_s
-        while time.monotonic() < grace_end:
-            if any(proc.poll() is None for proc in started):
-                descendants |= _descendants([proc.pid for proc in started if proc.poll() is None])
-            elif not any(_alive(pid) for pid in descendants):
-                break
-            time.sleep(0.05)
-        own_group = os.getpgid(0)
-        for proc in started:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        for pid in descendants:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                group = os.getpgid(pid)
-                if group != own_group:
-                    os.killpg(group, signal.SIGKILL)
-                os.kill(pid, signal.SIGKILL)
-        for proc in started:
-            proc.wait()
-
-
-def _descendants(pids: Sequence[int]) -> set[int]:
-    """Every living descendant of ``pids`` (children first started in sessions of their own included)."""
-    import psutil
-
-    found: set[int] = set()
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            found.update(child.pid for child in psutil.Process(pid).children(recursive=True))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+        stop_process_groups(started, self.kill_grace_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -167,3 +168,68 @@ def test_launcher_gives_the_trainer_a_private_result_path_and_reads_it_back(tmp_
 
     failed = launcher.run(["python", str(script), "0.5", "3"], env)
     assert failed.returncode == 3 and failed.result is None
+
+
+#: A trainer like ``torchrun --nproc-per-node=1``: it starts its worker in a session of its own, and the
+#: worker starts a DataLoader-like child in its group. The worker ignores SIGTERM (busy writing a
+#: checkpoint) until SIGKILL; the agent itself exits on SIGTERM, leaving the worker outside its group.
+TORCHRUN_LIKE = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    pid_dir = sys.argv[1]
+    worker = subprocess.Popen(
+        [sys.executable, "-c", '''
+    import signal, subprocess, sys, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    open(sys.argv[1], "w").write(str(child.pid))
+    time.sleep(600)
+    ''', os.path.join(pid_dir, "child")],
+        start_new_session=True,
+    )
+    open(os.path.join(pid_dir, "worker"), "w").write(str(worker.pid))
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["stop", "timeout"])
+def test_kill_reaches_a_worker_in_its_own_session(tmp_path, how):
+    """A kill (on_kill) or the timeout leaves no process behind, not even one outside the trainer's group."""
+    script = tmp_path / "agent.py"
+    script.write_text(TORCHRUN_LIKE)
+    log = ListLog()
+    launcher = LocalLauncher(
+        log,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        timeout_s=None if how == "stop" else 3,
+        kill_grace_s=0.5,
+        max_preemptions=3,  # a kill is never followed by a restart
+    )
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["run"] = launcher.run(["python", str(script), str(tmp_path)], {})
+        except LocalTrainerTimeout as err:
+            outcome["error"] = err
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    pids = [int(wait_for(tmp_path / name, 30)) for name in ("worker", "child")]
+    assert launcher._process is not None and launcher._process.proc is not None
+    agent = launcher._process.proc.pid
+    assert all(alive(pid) for pid in [*pids, agent])
+    if how == "stop":
+        launcher.stop()
+    runner.join(30)
+
+    assert not runner.is_alive()
+    if how == "stop":
+        assert outcome["run"].returncode != 0 and outcome["run"].preemptions == 0
+    else:
+        assert "longer than 3s" in str(outcome["error"])
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in [*pids, agent]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [pid for pid in [*pids, agent] if alive(pid)] == [], "a process of the trainer survived the kill"

@@ -186,3 +186,38 @@ def test_adaptive_sweep_example_has_the_rounds_of_its_budget(airflow_db):
     round_3 = dag.get_task("tune.round_3")
     assert round_3.partial_kwargs["gpus"] == 1
     assert round_3.partial_kwargs["mlflow_conn_id"] == "mlflow_default"
+
+
+def test_retried_trial_resumes_its_checkpoint(sweep_env):
+    import datetime as dt
+
+    from airflow.sdk import DAG
+
+    with DAG("sh_retry", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
+        successive_halving(
+            group_id="tune",
+            trainer=GPUTrainingPodOperator.partial(
+                task_id="train",
+                cmds=["python", str(sweep_env["script"])],
+                gpus=0,
+                retries=1,
+                retry_delay=dt.timedelta(seconds=0),
+                env_vars={"SWEEP_EPOCH_LOG": str(sweep_env["epoch_log"]), "SWEEP_FAIL_ONCE_LR": "0.3"},
+            ),
+            search_space={"lr": [0.3]},
+            n_configs=1,
+            eta=2,
+            min_epochs=2,
+            max_epochs=2,
+        )
+
+    dag_run = run_dag(dag)
+
+    assert dag_run.state == "success"
+    (trial,) = [ti for ti in dag_run.get_task_instances() if ti.task_id == "tune.round_1"]
+    assert trial.try_number == 2
+    result = xcom_value(dag_run, "tune.round_1", map_index=0)
+    # The first try trained both epochs and checkpointed, then failed; the retry resumed, training none.
+    assert result["resumed_from_epoch"] == 2
+    assert sweep_env["epoch_log"].read_text().split() == ["0.3", "1", "0.3", "2"]
+    assert xcom_value(dag_run, "tune.best")["trained_epochs"] == 0

@@ -17,6 +17,7 @@ from typing import Any
 
 from kubernetes.client import models as k8s
 
+from airflow_provider_mltrain.operators._preemption import DISRUPTION_CONDITION
 from gpu_trainer import contract
 
 BACKENDS = ("jobset", "trainjob")
@@ -43,6 +44,14 @@ PATCH_MANAGER = "airflow-provider-mltrain"
 TASK_LABEL_KEYS = ("dag_id", "task_id", "run_id", "map_index")
 #: Marks resources this provider created (narrows the label selector of a re-attach).
 CREATED_BY_LABEL = ("app.kubernetes.io/managed-by", "airflow-provider-mltrain")
+#: The JobSet failure-policy rule that restarts every node after one was disrupted (preempted, evicted, its
+#: node drained or shut down) without spending ``maxRestarts``: the node Job's ``podFailurePolicy`` fails
+#: the Job with reason ``PodFailurePolicy`` on the pod condition ``DisruptionTarget``, and this rule
+#: matches that reason. JobSet's documented pattern; the operator counts these restarts against
+#: ``max_preemptions`` (``status.restarts - status.restartsCountTowardsMax``).
+PREEMPTION_RULE_NAME = "restartOnPreemption"
+#: Kubernetes' Job failure reason when a ``podFailurePolicy`` rule with action ``FailJob`` matched.
+POD_FAILURE_POLICY_REASON = "PodFailurePolicy"
 #: Longest resource name: JobSet pod hostnames are ``<name>-node-<job>-<pod>`` and a DNS label is <= 63.
 MAX_NAME_LENGTH = 40
 
@@ -142,6 +151,9 @@ def jobset(
 ) -> dict[str, Any]:
     """A JobSet with one replicated job ``node``: an Indexed Job of ``num_nodes`` pods.
 
+    A node failure restarts every node (up to ``max_restarts`` times); a node that was disrupted
+    (``DisruptionTarget``) restarts them without counting toward ``max_restarts``.
+
     :param pod_spec: the node pod spec (the training template applied, rendezvous env set).
     :param suspend: created suspended (Kueue unsuspends it on admission).
     """
@@ -154,11 +166,31 @@ def jobset(
         "completionMode": "Indexed",
         # One pod failing fails the set: JobSet's failurePolicy restarts every node together.
         "backoffLimit": 0,
+        # A disrupted pod fails its Job with reason PodFailurePolicy (the pods' restartPolicy is Never, as
+        # a podFailurePolicy requires), which the JobSet rule below restarts without counting.
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onPodConditions": [{"type": DISRUPTION_CONDITION, "status": "True"}],
+                }
+            ]
+        },
         "template": {"metadata": {"labels": dict(pod_labels)}, "spec": _serialize(pod_spec)},
     }
     spec: dict[str, Any] = {
         "network": {"enableDNSHostnames": True},
-        "failurePolicy": {"maxRestarts": max_restarts},
+        "failurePolicy": {
+            "maxRestarts": max_restarts,
+            # First match wins; any other node failure falls through to RestartJobSet, which counts.
+            "rules": [
+                {
+                    "name": PREEMPTION_RULE_NAME,
+                    "action": "RestartJobSetAndIgnoreMaxRestarts",
+                    "onJobFailureReasons": [POD_FAILURE_POLICY_REASON],
+                }
+            ],
+        },
         "replicatedJobs": [
             {
                 "name": NODE_NAME,
@@ -227,7 +259,7 @@ def trainjob(
         "volumes",
     ):
         value = getattr(pod_spec, field)
-        if value:
+        if value or (field == "termination_grace_period_seconds" and value == 0):
             pod_patch[k8s.V1PodSpec.attribute_map[field]] = _serialize(value)
     spec: dict[str, Any] = {
         "runtimeRef": {"apiGroup": TRAINER_API_GROUP, "kind": runtime_kind, "name": runtime_ref},

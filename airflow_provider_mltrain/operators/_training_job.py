@@ -78,6 +78,7 @@ END_ADMISSION_TIMEOUT = "admission_timeout"
 END_UNSCHEDULABLE = "unschedulable"
 END_IMAGE_PULL = "image_pull"
 END_GONE = "gone"
+END_PREEMPTIONS = "preemptions_exhausted"
 END_ERROR = "error"
 
 
@@ -128,7 +129,9 @@ class Observation:
 
     :param state: one of the state constants (``ADMISSION`` ... ``FAILED``).
     :param detail: what the task log adds to the state (a scheduler message, a condition's reason...).
-    :param restarts: restarts of the whole job so far (JobSet ``status.restarts``).
+    :param restarts: restarts of the whole job so far (JobSet ``status.restarts``), preemptions included.
+    :param preemptions: those of them after a node was disrupted, which do not count toward
+        ``maxRestarts`` (``status.restarts - status.restartsCountTowardsMax``).
     :param pod: the pod the detail is about, if any.
     :param pull_failing: the image pull has failed at least once (``ImagePullBackOff`` and the like).
     """
@@ -138,6 +141,7 @@ class Observation:
     restarts: int = 0
     pod: str | None = None
     pull_failing: bool = False
+    preemptions: int = 0
 
 
 def _true_condition(job: Mapping[str, Any], *types: str) -> Mapping[str, Any] | None:
@@ -196,12 +200,23 @@ def observe(job: Mapping[str, Any], pods: Sequence[Any]) -> Observation:
     """
     status = job.get("status") or {}
     restarts = int(status.get("restarts") or 0)
+    # A JobSet older than restartsCountTowardsMax (v0.6) counts every restart.
+    counted = int(status.get("restartsCountTowardsMax", restarts) or 0)
+    preemptions = max(0, restarts - counted)
     failed = _true_condition(job, "Failed")
     if failed is not None:
         detail = f"{failed.get('reason') or 'Failed'}: {failed.get('message') or 'no message'}"
-        return Observation(FAILED, detail, restarts)
+        return Observation(FAILED, detail, restarts, preemptions=preemptions)
     if _true_condition(job, "Completed", "Complete") is not None:
-        return Observation(SUCCEEDED, "", restarts)
+        return Observation(SUCCEEDED, "", restarts, preemptions=preemptions)
+    if preemptions:
+        # Every Observation below carries the count: the wait enforces max_preemptions whatever the state.
+        return dataclasses.replace(_observe_running(job, pods, restarts), preemptions=preemptions)
+    return _observe_running(job, pods, restarts)
+
+
+def _observe_running(job: Mapping[str, Any], pods: Sequence[Any], restarts: int) -> Observation:
+    """What a job that has not ended is doing."""
     # A JobSet under Kueue is created suspended; Kueue unsuspends it once the quota admits the workload.
     if (job.get("spec") or {}).get("suspend") or _true_condition(job, "Suspended") is not None:
         queue = ((job.get("metadata") or {}).get("labels") or {}).get(QUEUE_LABEL)
@@ -236,12 +251,15 @@ class WaitPolicy:
     :param unschedulable_timeout_s: give up after a pod was unschedulable (and no node is on its way), or
         its image failed to pull, for this long (None: never).
     :param max_restarts: the job's restart budget (JobSet ``failurePolicy.maxRestarts``), for the log.
+    :param max_preemptions: restarts after a disrupted node the wait allows before it fails (and the job
+        is deleted); None: not enforced (a TrainJob, whose runtime owns its restarts).
     """
 
     poll_interval_s: float = 10.0
     admission_timeout_s: float | None = None
     unschedulable_timeout_s: float | None = 300.0
     max_restarts: int = 0
+    max_preemptions: int | None = None
 
     def serialize(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,6 +279,7 @@ class Progress:
         self.policy = policy
         self._said: tuple[str, str, int] | None = None
         self._since: dict[str, float] = {}
+        self._preemptions_said = 0
 
     def describe(self, obs: Observation) -> str | None:
         """The log line for this observation, or None when it says nothing new."""
@@ -271,10 +290,19 @@ class Progress:
         line = f"{self.kind.kind} {self.name}: {obs.state}"
         if obs.detail:
             line += f" ({obs.detail})"
-        if obs.restarts:
+        if obs.preemptions > self._preemptions_said:
+            self._preemptions_said = obs.preemptions
+            limit = self.policy.max_preemptions
             line += (
-                f"; restart {obs.restarts} of {self.policy.max_restarts}: every node resumes from the "
-                "shared checkpoint"
+                f"; node set preempted; restart {obs.restarts}, {obs.preemptions} of "
+                f"{'unlimited' if limit is None else limit} preemptions (not counted toward "
+                f"max_restarts={self.policy.max_restarts}): every node resumes from the shared checkpoint"
+            )
+        elif obs.restarts:
+            line += (
+                f"; restart {obs.restarts - obs.preemptions} of {self.policy.max_restarts}"
+                + (f" (and {obs.preemptions} after preemptions)" if obs.preemptions else "")
+                + ": every node resumes from the shared checkpoint"
             )
         return line
 
@@ -292,6 +320,16 @@ class Progress:
                 self._since.setdefault(state, now)
         if obs.state == SUCCEEDED:
             return self.end(END_SUCCEEDED, "", obs)
+        limit = self.policy.max_preemptions
+        if limit is not None and obs.preemptions > limit:
+            return self.end(
+                END_PREEMPTIONS,
+                f"{self.kind.kind} {self.name}: a node was preempted (evicted, drained or its node shut "
+                f"down) {obs.preemptions} times in this try: max_preemptions={limit} is spent, so the job "
+                "was deleted. The next Airflow retry (if any) resumes from the shared checkpoint; raise "
+                "max_preemptions= to keep restarting within one try, or run on nodes that are not preempted.",
+                obs,
+            )
         if obs.state == FAILED:
             return self.end(END_FAILED, obs.detail, obs)
         waited = {state: now - since for state, since in self._since.items()}
@@ -322,6 +360,7 @@ class Progress:
             "name": self.name,
             "message": message,
             "restarts": obs.restarts if obs else 0,
+            "preemptions": obs.preemptions if obs else 0,
             "pod": obs.pod if obs else None,
         }
 
@@ -533,7 +572,7 @@ class TrainingJobLifecycle:
             raise AirflowException(f"Waiting for {what} failed: {message}")
         if status == END_GONE:
             raise AirflowException(message or f"{what} no longer exists")
-        if status == END_ADMISSION_TIMEOUT:
+        if status in (END_ADMISSION_TIMEOUT, END_PREEMPTIONS):
             self._delete_after_failure(name)
             raise GPUTrainingFailure(message)
         if status in (END_UNSCHEDULABLE, END_IMAGE_PULL):
@@ -550,7 +589,14 @@ class TrainingJobLifecycle:
                 )
             return parse_result(leader, tail)
         raise GPUTrainingFailure(
-            self._failure_cause(what, message, int(end.get("restarts") or 0), pods, leader, tail)
+            self._failure_cause(
+                what,
+                message,
+                int(end.get("restarts") or 0) - int(end.get("preemptions") or 0),
+                pods,
+                leader,
+                tail,
+            )
         )
 
     def kill(self, name: str) -> None:

@@ -22,6 +22,7 @@ from airflow_provider_mltrain.hooks.mlflow import MLflowHook
 from airflow_provider_mltrain.operators import _manifests as manifests
 from airflow_provider_mltrain.operators import _pod_spec as spec
 from airflow_provider_mltrain.operators import _pod_template as template
+from airflow_provider_mltrain.operators import _preemption as preemption
 from airflow_provider_mltrain.operators._arguments import check_arguments
 from airflow_provider_mltrain.operators._pod_template import TrainingPodParams, apply_training_template
 from airflow_provider_mltrain.operators._training_job import (
@@ -51,6 +52,8 @@ _NOT_TEMPLATED = (
     "runtime_kind",
     "priority_class",
     "max_restarts",
+    "max_preemptions",
+    "termination_grace_period",
     "admission_timeout_seconds",
     "deferrable",
     "namespace",
@@ -118,6 +121,18 @@ def check_distributed_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
             restarts,
             "a TrainJob takes its restart policy from its runtime (the ClusterTrainingRuntime's JobSet "
             "failurePolicy): use 0 with backend='trainjob', or backend='jobset'",
+        )
+    grace = args.get("termination_grace_period")
+    if (
+        known("termination_grace_period")
+        and grace is not None
+        and (isinstance(grace, bool) or not isinstance(grace, int) or grace < 0)
+    ):
+        raise _bad(
+            "termination_grace_period",
+            grace,
+            "expected whole seconds >= 0 between SIGTERM and SIGKILL (time for the SIGTERM checkpoint), "
+            "or None for Kubernetes' 30",
         )
     if known("deferrable") and not isinstance(args["deferrable"], bool):
         raise _bad("deferrable", args["deferrable"], "expected True or False")
@@ -202,7 +217,15 @@ class DistributedTrainingOperator(BaseOperator):
     :param queue_name: Kueue LocalQueue: the ``kueue.x-k8s.io/queue-name`` label, created suspended.
     :param priority_class: Kueue WorkloadPriorityClass (the ``kueue.x-k8s.io/priority-class`` label).
     :param max_restarts: JobSet ``failurePolicy.maxRestarts``: whole-set restarts after a node fails, each
-        resuming from the shared checkpoint (0 with ``backend="trainjob"``: the runtime decides).
+        resuming from the shared checkpoint (0 with ``backend="trainjob"``: the runtime decides). A node
+        that was preempted, evicted or drained (pod condition ``DisruptionTarget``) restarts the set
+        without spending one.
+    :param max_preemptions: JobSet: whole-set restarts after a disrupted node that one try allows, as
+        ``GPUTrainingPodOperator``'s; one more fails the task naming the count and deletes the JobSet.
+        A TrainJob's runtime owns its restarts (not enforced there); the local launcher counts a stopped
+        node toward ``max_restarts``.
+    :param termination_grace_period: seconds each node pod gets between SIGTERM and SIGKILL, time for the
+        trainer's SIGTERM checkpoint (default 120; None: Kubernetes' 30).
     :param admission_timeout_seconds: fail (and delete the resource) when Kueue has not admitted it in this
         long; None waits without a limit of its own (``execution_timeout`` still applies).
     :param unschedulable_timeout_seconds: fail after a node's pod has been unschedulable this long (unless
@@ -271,6 +294,8 @@ class DistributedTrainingOperator(BaseOperator):
         queue_name: str | None = None,
         priority_class: str | None = None,
         max_restarts: int = 0,
+        max_preemptions: int = 3,
+        termination_grace_period: int | None = preemption.DEFAULT_TERMINATION_GRACE_PERIOD_S,
         admission_timeout_seconds: int | None = None,
         unschedulable_timeout_seconds: int | None = 60,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
@@ -312,6 +337,8 @@ class DistributedTrainingOperator(BaseOperator):
                 "queue_name": queue_name,
                 "priority_class": priority_class,
                 "max_restarts": max_restarts,
+                "max_preemptions": max_preemptions,
+                "termination_grace_period": termination_grace_period,
                 "admission_timeout_seconds": admission_timeout_seconds,
                 "unschedulable_timeout_seconds": unschedulable_timeout_seconds,
                 "deferrable": deferrable,
@@ -349,6 +376,8 @@ class DistributedTrainingOperator(BaseOperator):
         self.queue_name = queue_name
         self.priority_class = priority_class
         self.max_restarts = max_restarts
+        self.max_preemptions = max_preemptions
+        self.termination_grace_period = termination_grace_period
         self.admission_timeout_seconds = admission_timeout_seconds
         self.unschedulable_timeout_seconds = checked["unschedulable_timeout_seconds"]
         self.deferrable = deferrable
@@ -508,7 +537,9 @@ class DistributedTrainingOperator(BaseOperator):
         )
         pod_spec = k8s.V1PodSpec(
             containers=[container],
+            # Never: the JobSet restarts nodes; a Job's podFailurePolicy also requires it.
             restart_policy="Never",
+            termination_grace_period_seconds=self.termination_grace_period,
             node_selector=dict(self.node_selector) if self.node_selector else None,
             tolerations=[convert_toleration(t) for t in self.tolerations] if self.tolerations else None,
             affinity=convert_affinity(self.affinity) if self.affinity else None,
@@ -702,6 +733,8 @@ class DistributedTrainingOperator(BaseOperator):
             admission_timeout_s=self.admission_timeout_seconds,
             unschedulable_timeout_s=self.unschedulable_timeout_seconds,
             max_restarts=self.max_restarts,
+            # A TrainJob's runtime owns its restarts and its status has no restart counts.
+            max_preemptions=self.max_preemptions if self.backend == "jobset" else None,
         )
         return TrainingJobLifecycle(client, policy, self._triage_context(), self.log)
 

@@ -98,7 +98,21 @@ def test_jobset_runs_indexed_nodes_with_torchrun_placement_from_the_environment(
         "Indexed",
         0,
     )
-    assert spec["failurePolicy"] == {"maxRestarts": 3}
+    # A disrupted node fails its Job with reason PodFailurePolicy; that restarts the set uncounted.
+    assert spec["failurePolicy"] == {
+        "maxRestarts": 3,
+        "rules": [
+            {
+                "name": "restartOnPreemption",
+                "action": "RestartJobSetAndIgnoreMaxRestarts",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+            }
+        ],
+    }
+    assert job["podFailurePolicy"] == {
+        "rules": [{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    }
+    assert job["template"]["spec"]["terminationGracePeriodSeconds"] == 120
     assert spec["network"] == {"enableDNSHostnames": True}
     assert spec["suspend"] is True and manifest["metadata"]["labels"][manifests.QUEUE_LABEL] == "team-a"
     # torchrun with no rendezvous flags: it reads PET_* (the same command on every backend).
@@ -179,6 +193,8 @@ def test_trainjob_leaves_placement_to_kubeflow_trainer_and_patches_the_node_pod(
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert claims == ["team-checkpoints"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+    # The runtime patch carries the SIGTERM checkpoint's grace period (the CRD has no failurePolicy there).
+    assert pod["terminationGracePeriodSeconds"] == 120
 
 
 def test_a_node_pod_is_the_pod_operators_training_pod(k8s_hook):
@@ -257,6 +273,10 @@ def test_dry_run_prints_the_manifest_as_yaml(capsys):
         ({"runtime_kind": "Runtime"}, r"invalid runtime_kind='Runtime'"),
         ({"admission_timeout_seconds": 0}, r"invalid admission_timeout_seconds=0"),
         ({"deferrable": "yes"}, r"invalid deferrable='yes'"),
+        ({"max_preemptions": -1}, r"invalid max_preemptions=-1; expected an int >= 0"),
+        ({"max_preemptions": True}, r"invalid max_preemptions=True"),
+        ({"termination_grace_period": -5}, r"invalid termination_grace_period=-5; expected whole seconds"),
+        ({"termination_grace_period": 1.5}, r"invalid termination_grace_period=1.5"),
         ({"checkpoint_volume": {"claim_name": "c", "access_mode": "Many"}}, r"invalid checkpoint_volume="),
     ],
 )
@@ -331,3 +351,18 @@ def test_users_pod_settings_are_merged_and_stay_valid(backend):
     assert [e["key"] for e in term["matchExpressions"]] == ["zone", "nvidia.com/gpu.product"]
     assert [s["name"] for s in spec["imagePullSecrets"]] == ["registry-a", "registry-b"]
     assert env_of(spec["containers"][0])["NCCL_DEBUG"] == "INFO"
+
+
+@pytest.mark.parametrize("backend", manifests.BACKENDS)
+@pytest.mark.parametrize("grace", [0, 600, None])
+def test_termination_grace_period_reaches_every_node_pod(backend, grace):
+    op = make_op(backend=backend, num_nodes=2, checkpoint_uri="s3://b/c", termination_grace_period=grace)
+    manifest = op.build_manifest(make_context())
+    validate_custom_resource(manifest)
+    if backend == "jobset":
+        pod = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    else:
+        (patch,) = manifest["spec"]["runtimePatches"]
+        (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+        pod = node["template"]["spec"]["template"]["spec"]
+    assert pod.get("terminationGracePeriodSeconds") == grace

@@ -427,6 +427,7 @@ def test_trigger_serializes_to_its_classpath_and_kwargs():
                 "admission_timeout_s": None,
                 "unschedulable_timeout_s": 0.05,
                 "max_restarts": 0,
+                "max_preemptions": None,
             },
             "kubernetes_conn_id": "kubernetes_default",
             "config_file": None,

@@ -126,8 +126,37 @@ class Cluster:
             if self.emu.exists("pods", self.pod_name(job, node)):
                 self.emu.delete("pods", self.pod_name(job, node))
         self.attempt += 1
-        restarts = int((job.get("status") or {}).get("restarts") or 0) + 1
-        self.emu.patch(self.plural, job["metadata"]["name"], {"status": {"restarts": restarts}})
+        status = job.get("status") or {}
+        restarts = int(status.get("restarts") or 0)
+        counted = int(status.get("restartsCountTowardsMax", restarts) or 0)
+        self.emu.patch(
+            self.plural,
+            job["metadata"]["name"],
+            {"status": {"restarts": restarts + 1, "restartsCountTowardsMax": counted + 1}},
+        )
+        self.pods()(job)
+
+    def preempt(self, job: dict[str, Any]) -> None:
+        """Node 1 is evicted (DisruptionTarget): its Job fails with reason PodFailurePolicy and the
+        manifest's rule restarts the set with RestartJobSetAndIgnoreMaxRestarts (restarts + 1, the count
+        toward maxRestarts unchanged)."""
+        status = job.get("status") or {}
+        restarts = int(status.get("restarts") or 0)
+        counted = int(status.get("restartsCountTowardsMax", restarts) or 0)
+        self.pods(
+            phase="Failed",
+            state={"terminated": {"exitCode": contract.PREEMPTED_EXIT_CODE, "reason": "Error"}},
+            conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
+            only=1,
+        )(job)
+        for node in range(self.nodes):
+            self.emu.delete("pods", self.pod_name(job, node))
+        self.attempt += 1
+        self.emu.patch(
+            self.plural,
+            job["metadata"]["name"],
+            {"status": {"restarts": restarts + 1, "restartsCountTowardsMax": counted}},
+        )
         self.pods()(job)
 
     def finish(self, message: str, log: str = "epoch 3 done\n", condition: str = "Completed"):
@@ -593,3 +622,115 @@ def test_execution_timeout_deletes_the_running_job(airflow_db, k8s_emulator):
     assert deleted[3] == "Foreground"
     assert k8s_emulator.list("jobsets") == []
     assert k8s_emulator.list("pods") == []  # the pods named the JobSet as their owner
+
+
+# -- preemption (issue 11) -----------------------------------------------------------------------------
+
+
+def test_a_preempted_restart_does_not_spend_max_restarts(k8s_emulator, caplog):
+    """Two preemptions and one crash with max_restarts=1: the preemptions are counted apart, the task
+    succeeds, and the log tells which restart was which."""
+    cluster = Cluster(k8s_emulator)
+    cluster.script(
+        cluster.pods(),
+        cluster.preempt,
+        cluster.restart,  # a crash: this one counts toward max_restarts
+        cluster.preempt,
+        cluster.finish(json.dumps(RESULT)),
+    )
+    caplog.set_level(logging.INFO, logger="lifecycle")
+
+    assert _run(_lifecycle(max_restarts=1, max_preemptions=3), _jobset()) == RESULT
+
+    log = caplog.text
+    first = log.index("node set preempted; restart 1, 1 of 3 preemptions (not counted toward max_restarts=1)")
+    crash = log.index("restart 1 of 1 (and 1 after preemptions)")
+    second = log.index("node set preempted; restart 3, 2 of 3 preemptions")
+    assert first < crash < second
+    assert [d for d in k8s_emulator.deletions if d[0] == "jobsets"] == []
+
+
+def test_max_preemptions_exceeded_fails_naming_the_count_and_deletes_the_jobset(k8s_emulator):
+    cluster = Cluster(k8s_emulator)
+    cluster.script(cluster.pods(), cluster.preempt, cluster.preempt, *[cluster.wait] * 50)
+    lifecycle = _lifecycle(max_restarts=5, max_preemptions=1)
+
+    with pytest.raises(GPUTrainingFailure) as err:
+        _run(lifecycle, _jobset())
+
+    message = str(err.value)
+    assert "a node was preempted (evicted, drained or its node shut down) 2 times in this try" in message
+    assert "max_preemptions=1 is spent, so the job was deleted" in message
+    assert [d for d in k8s_emulator.deletions if d[0] == "jobsets"] == [
+        ("jobsets", "default", "train-abc", "Foreground")
+    ]
+
+
+def test_trigger_enforces_max_preemptions_too(k8s_emulator, caplog, capfd):
+    """The deferrable wait counts preemptions the same way; the worker's conclude deletes the JobSet."""
+    cluster = Cluster(k8s_emulator)
+    cluster.script(cluster.pods(), cluster.preempt, *[cluster.wait] * 50)
+    k8s_emulator.create(_jobset())
+    trigger = _trigger()
+    trigger.policy["max_preemptions"] = 0
+    caplog.set_level(logging.INFO)
+
+    async def first() -> dict:
+        return (await asyncio.wait_for(trigger.run().__anext__(), timeout=10)).payload
+
+    payload = asyncio.run(first())
+    assert (payload["status"], payload["preemptions"]) == ("preemptions_exhausted", 1)
+    log = caplog.text + "".join(capfd.readouterr())
+    assert "node set preempted; restart 1, 1 of 0 preemptions" in log
+    with pytest.raises(GPUTrainingFailure, match=r"preempted .* 1 times in this try: max_preemptions=0"):
+        _lifecycle().conclude(payload)
+    assert [d for d in k8s_emulator.deletions if d[0] == "jobsets"] == [
+        ("jobsets", "default", "train-abc", "Foreground")
+    ]
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["sync", "deferrable"])
+def test_dag_run_survives_preemptions_with_max_restarts_0_on_try_1(airflow_db, k8s_emulator, deferrable):
+    from airflow.sdk import DAG
+
+    from airflow_provider_mltrain.testing import xcom_value
+
+    cluster = Cluster(k8s_emulator)
+    cluster.script(cluster.pods(), cluster.preempt, cluster.preempt, cluster.finish(json.dumps(RESULT)))
+    with DAG(
+        f"distributed_preempted_{deferrable}", schedule=None, start_date=datetime.datetime(2026, 1, 1)
+    ) as dag:
+        _operator(deferrable=deferrable, max_restarts=0, retries=0)
+
+    dag_run = run_dag(dag)
+
+    ti = dag_run.get_task_instance("train")
+    assert (ti.state, ti.try_number) == ("success", 1)
+    assert xcom_value(dag_run, "train") == RESULT
+    [jobset] = k8s_emulator.list("jobsets")
+    assert (jobset["status"]["restarts"], jobset["status"]["restartsCountTowardsMax"]) == (2, 0)
+    assert k8s_emulator.count("POST", "/jobsets") == 1  # restarted in place, never recreated
+    # What makes the JobSet controller restart without counting: the rule on the Job's PodFailurePolicy.
+    [rule] = jobset["spec"]["failurePolicy"]["rules"]
+    assert (rule["action"], rule["onJobFailureReasons"]) == (
+        "RestartJobSetAndIgnoreMaxRestarts",
+        ["PodFailurePolicy"],
+    )
+
+
+def test_dag_run_fails_try_1_once_max_preemptions_is_spent(airflow_db, k8s_emulator, caplog, capfd):
+    from airflow.sdk import DAG
+
+    cluster = Cluster(k8s_emulator)
+    cluster.script(cluster.pods(), cluster.preempt, cluster.preempt, *[cluster.wait] * 50)
+    with DAG("distributed_preempted_limit", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
+        _operator(deferrable=False, max_preemptions=1, retries=0)
+
+    dag_run = run_dag(dag)
+
+    ti = dag_run.get_task_instance("train")
+    assert (ti.state, ti.try_number) == ("failed", 1)
+    log = caplog.text + "".join(capfd.readouterr())
+    assert "2 times in this try: max_preemptions=1 is spent" in log
+    assert [d[3] for d in k8s_emulator.deletions if d[0] == "jobsets"] == ["Foreground"]
+    assert k8s_emulator.list("jobsets") == []

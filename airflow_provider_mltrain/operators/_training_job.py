@@ -271,15 +271,18 @@ class Progress:
     :param kind: the job's kind (for messages).
     :param name: the job's name.
     :param policy: the budgets.
+    :param preemptions_before: the job's preemptions before this try (a re-attached job's): not this try's
+        to count against ``max_preemptions``.
     """
 
-    def __init__(self, kind: JobKind, name: str, policy: WaitPolicy) -> None:
+    def __init__(self, kind: JobKind, name: str, policy: WaitPolicy, preemptions_before: int = 0) -> None:
         self.kind = kind
         self.name = name
         self.policy = policy
+        self.preemptions_before = preemptions_before
         self._said: tuple[str, str, int] | None = None
         self._since: dict[str, float] = {}
-        self._preemptions_said = 0
+        self._preemptions_said = preemptions_before
 
     def describe(self, obs: Observation) -> str | None:
         """The log line for this observation, or None when it says nothing new."""
@@ -294,7 +297,7 @@ class Progress:
             self._preemptions_said = obs.preemptions
             limit = self.policy.max_preemptions
             line += (
-                f"; node set preempted; restart {obs.restarts}, {obs.preemptions} of "
+                f"; node set preempted; restart {obs.restarts}, {obs.preemptions - self.preemptions_before} of "
                 f"{'unlimited' if limit is None else limit} preemptions (not counted toward "
                 f"max_restarts={self.policy.max_restarts}): every node resumes from the shared checkpoint"
             )
@@ -321,11 +324,12 @@ class Progress:
         if obs.state == SUCCEEDED:
             return self.end(END_SUCCEEDED, "", obs)
         limit = self.policy.max_preemptions
-        if limit is not None and obs.preemptions > limit:
+        this_try = obs.preemptions - self.preemptions_before
+        if limit is not None and this_try > limit:
             return self.end(
                 END_PREEMPTIONS,
                 f"{self.kind.kind} {self.name}: a node was preempted (evicted, drained or its node shut "
-                f"down) {obs.preemptions} times in this try: max_preemptions={limit} is spent, so the job "
+                f"down) {this_try} times in this try: max_preemptions={limit} is spent, so the job "
                 "was deleted. The next Airflow retry (if any) resumes from the shared checkpoint; raise "
                 "max_preemptions= to keep restarting within one try, or run on nodes that are not preempted.",
                 obs,
@@ -502,6 +506,8 @@ class TrainingJobLifecycle:
         self.policy = policy
         self.triage_context = triage_context
         self.log = log
+        #: The re-attached job's preemptions from earlier tries (set by :meth:`start`).
+        self.preemptions_before = 0
 
     def start(self, manifest: Mapping[str, Any], labels: Mapping[str, str]) -> str:
         """Re-attach to this task instance's running job, or create one (replacing a finished one).
@@ -514,6 +520,7 @@ class TrainingJobLifecycle:
             name = job["metadata"]["name"]
             obs = observe(job, [])
             if obs.state not in (SUCCEEDED, FAILED):
+                self.preemptions_before = obs.preemptions
                 self.log.info(
                     "Re-attaching to %s %s of this task instance (created %s by an earlier try; %s)",
                     self.kind.kind,
@@ -536,7 +543,7 @@ class TrainingJobLifecycle:
 
     def wait(self, name: str) -> dict[str, Any]:
         """Poll until the job ends, a budget is spent, or it vanishes; returns the end (an event payload)."""
-        progress = Progress(self.kind, name, self.policy)
+        progress = Progress(self.kind, name, self.policy, self.preemptions_before)
         while True:
             job = self.client.get(name)
             if job is None:

@@ -690,6 +690,7 @@ class DistributedTrainingOperator(BaseOperator):
                     kind=lifecycle.kind.kind,
                     policy=lifecycle.policy.serialize(),
                     kubernetes_conn_id=self.kubernetes_conn_id,
+                    preemptions_before=lifecycle.preemptions_before,
                 ),
                 method_name="execute_complete",
             )

@@ -53,6 +53,8 @@ class TrainingJobTrigger(BaseTrigger):
     :param kubernetes_conn_id: the Kubernetes connection.
     :param config_file: a kubeconfig path overriding the connection's.
     :param cluster_context: a kubeconfig context overriding the connection's.
+    :param preemptions_before: the job's preemptions before this try (a re-attached job's), not counted
+        against ``max_preemptions``.
     """
 
     def __init__(
@@ -68,8 +70,10 @@ class TrainingJobTrigger(BaseTrigger):
         kubernetes_conn_id: str | None = "kubernetes_default",
         config_file: str | None = None,
         cluster_context: str | None = None,
+        preemptions_before: int = 0,
     ) -> None:
         super().__init__()
+        self.preemptions_before = preemptions_before
         self.name = name
         self.namespace = namespace
         self.group = group
@@ -95,6 +99,7 @@ class TrainingJobTrigger(BaseTrigger):
                 "kubernetes_conn_id": self.kubernetes_conn_id,
                 "config_file": self.config_file,
                 "cluster_context": self.cluster_context,
+                "preemptions_before": self.preemptions_before,
             },
         )
 
@@ -102,7 +107,12 @@ class TrainingJobTrigger(BaseTrigger):
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
 
         policy = WaitPolicy(**self.policy)
-        progress = Progress(JobKind(self.group, self.version, self.plural, self.kind), self.name, policy)
+        progress = Progress(
+            JobKind(self.group, self.version, self.plural, self.kind),
+            self.name,
+            policy,
+            self.preemptions_before,
+        )
         try:
             hook = AsyncKubernetesHook(
                 conn_id=self.kubernetes_conn_id,

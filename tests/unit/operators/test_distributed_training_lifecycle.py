@@ -461,6 +461,7 @@ def test_trigger_serializes_to_its_classpath_and_kwargs():
             "kubernetes_conn_id": "kubernetes_default",
             "config_file": None,
             "cluster_context": None,
+            "preemptions_before": 0,
         },
     )
 
@@ -687,6 +688,23 @@ def test_trigger_enforces_max_preemptions_too(k8s_emulator, caplog, capfd):
     assert [d for d in k8s_emulator.deletions if d[0] == "jobsets"] == [
         ("jobsets", "default", "train-abc", "Foreground")
     ]
+
+
+def test_a_reattached_jobsets_earlier_preemptions_are_not_this_trys(k8s_emulator, caplog):
+    """A retry that re-attaches to a JobSet preempted twice in an earlier try has its own max_preemptions."""
+    running = _jobset()
+    running["status"] = {"restarts": 2, "restartsCountTowardsMax": 0}
+    k8s_emulator.create(running)
+    cluster = Cluster(k8s_emulator)
+    cluster.attempt = 2
+    cluster.script(cluster.pods(), cluster.preempt, cluster.finish(json.dumps(RESULT)))
+    caplog.set_level(logging.INFO, logger="lifecycle")
+
+    assert _run(_lifecycle(max_preemptions=1), _jobset()) == RESULT
+
+    assert "Re-attaching to JobSet train-abc" in caplog.text
+    assert "node set preempted; restart 3, 1 of 1 preemptions" in caplog.text
+    assert k8s_emulator.count("POST", "/jobsets") == 0  # re-attached: no JobSet created
 
 
 @pytest.mark.parametrize("deferrable", [False, True], ids=["sync", "deferrable"])

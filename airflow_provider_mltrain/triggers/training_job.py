@@ -41,7 +41,8 @@ class TrainingJobTrigger(BaseTrigger):
     """Fires once when the job finishes or fails, a budget is spent, or it vanishes.
 
     Event payload: ``status`` (``succeeded``, ``failed``, ``admission_timeout``, ``unschedulable``,
-    ``image_pull``, ``gone``, ``error``), ``name``, ``message``, ``restarts``, ``pod``.
+    ``image_pull``, ``preemptions_exhausted``, ``gone``, ``error``), ``name``, ``message``, ``restarts``,
+    ``preemptions``, ``pod``.
 
     :param name: the job's name.
     :param namespace: the job's namespace.

@@ -19,19 +19,8 @@ from airflow_provider_mltrain.launchers.local import (
     local_command,
 )
 from gpu_trainer import contract
+from tests.fixtures.logs import ListLog
 from tests.fixtures.processes import alive, wait_for
-
-
-class ListLog:
-    """Collects what the launcher logs."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def info(self, msg: str, *args: object) -> None:
-        self.lines.append(msg % args)
-
-    warning = info
 
 
 def spawner(tmp_path: Path, *, ignore_term: bool) -> Path:

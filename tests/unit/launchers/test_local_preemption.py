@@ -25,6 +25,7 @@ from airflow_provider_mltrain.operators._triage import GPUTrainingFailure
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
 from gpu_trainer import contract
 from tests.fixtures.gpu_operator import make_context
+from tests.fixtures.logs import ListLog
 
 #: Appends its pid to argv[1] at each start; on SIGTERM records a checkpoint at step 7 and exits 143;
 #: started again with that checkpoint, it reports ``resumed_from_epoch`` 7 and finishes.
@@ -56,16 +57,6 @@ PREEMPTIBLE = textwrap.dedent(
     )
     """
 )
-
-
-class ListLog:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def info(self, msg: str, *args: object) -> None:
-        self.lines.append(msg % args)
-
-    warning = info
 
 
 def started_pids(path: Path, count: int, timeout: float = 20) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from airflow_provider_mltrain.launchers.local import (
 )
 from gpu_trainer import contract
 from tests.fixtures.logs import ListLog
-from tests.fixtures.processes import alive, wait_for
+from tests.fixtures.processes import alive, assert_all_gone, run_in_background, wait_for
 
 
 def spawner(tmp_path: Path, *, ignore_term: bool) -> Path:
@@ -195,16 +194,7 @@ def test_kill_reaches_a_worker_in_its_own_session(tmp_path, how):
         kill_grace_s=0.5,
         max_preemptions=3,  # a kill is never followed by a restart
     )
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["run"] = launcher.run(["python", str(script), str(tmp_path)], {})
-        except LocalTrainerTimeout as err:
-            outcome["error"] = err
-
-    runner = threading.Thread(target=run)
-    runner.start()
+    runner, outcome = run_in_background(launcher, ["python", str(script), str(tmp_path)])
     pids = [int(wait_for(tmp_path / name, 30)) for name in ("worker", "child")]
     assert launcher._process is not None and launcher._process.proc is not None
     agent = launcher._process.proc.pid
@@ -218,7 +208,4 @@ def test_kill_reaches_a_worker_in_its_own_session(tmp_path, how):
         assert outcome["run"].returncode != 0 and outcome["run"].preemptions == 0
     else:
         assert "longer than 3s" in str(outcome["error"])
-    deadline = time.monotonic() + 5
-    while any(alive(pid) for pid in [*pids, agent]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [pid for pid in [*pids, agent] if alive(pid)] == [], "a process of the trainer survived the kill"
+    assert_all_gone([*pids, agent], "a process of the trainer survived the kill")

@@ -7,13 +7,10 @@ import json
 import os
 import sys
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from airflow_provider_mltrain.launchers.local import LocalTrainerTimeout
 from airflow_provider_mltrain.launchers.local_nodes import (
     LocalNodesLauncher,
     gpu_slices,
@@ -23,7 +20,7 @@ from airflow_provider_mltrain.launchers.local_nodes import (
 )
 from gpu_trainer import contract
 from tests.fixtures.logs import ListLog
-from tests.fixtures.processes import alive, wait_for
+from tests.fixtures.processes import alive, assert_all_gone, run_in_background, wait_for
 
 #: A node that reports its torchrun settings and, on node 0, writes the result; ``fail_node`` fails one node
 #: (on its first attempt only, when a marker directory is given).
@@ -241,16 +238,7 @@ def test_kill_stops_every_process_of_every_node(tmp_path, how):
         kill_grace_s=0.5,
         max_restarts=3,  # a kill is never followed by a restart
     )
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["run"] = launcher.run(["python", str(script), str(tmp_path)], {})
-        except LocalTrainerTimeout as err:
-            outcome["error"] = err
-
-    runner = threading.Thread(target=run)
-    runner.start()
+    runner, outcome = run_in_background(launcher, ["python", str(script), str(tmp_path)])
     pids = [int(wait_for(tmp_path / f"{kind}-{rank}", 30)) for kind in ("worker", "child") for rank in (0, 1)]
     agents = [process.proc.pid for process in launcher._processes if process.proc is not None]
     assert len(agents) == 2 and all(alive(pid) for pid in pids + agents)
@@ -263,10 +251,7 @@ def test_kill_stops_every_process_of_every_node(tmp_path, how):
         assert outcome["run"].returncode != 0 and outcome["run"].restarts == 0
     else:
         assert "ran longer than 4s" in str(outcome["error"])
-    deadline = time.monotonic() + 5
-    while any(alive(pid) for pid in pids + agents) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [pid for pid in pids + agents if alive(pid)] == [], "a process of a node survived the kill"
+    assert_all_gone(pids + agents, "a process of a node survived the kill")
 
 
 def test_node_python_is_the_workers(tmp_path):

@@ -296,11 +296,16 @@ class Progress:
         if obs.preemptions > self._preemptions_said:
             self._preemptions_said = obs.preemptions
             limit = self.policy.max_preemptions
-            line += (
-                f"; node set preempted; restart {obs.restarts}, {obs.preemptions - self.preemptions_before} of "
-                f"{'unlimited' if limit is None else limit} preemptions (not counted toward "
-                f"max_restarts={self.policy.max_restarts}): every node resumes from the shared checkpoint"
-            )
+            this_try = obs.preemptions - self.preemptions_before
+            if limit is not None and this_try > limit:
+                # step() ends the wait on this observation; "restart 1, 1 of 0 preemptions" would mislead.
+                line += f"; node set preempted ({this_try} in this try); max_preemptions={limit}"
+            else:
+                line += (
+                    f"; node set preempted; restart {obs.restarts}, {this_try} of "
+                    f"{'unlimited' if limit is None else limit} preemptions (not counted toward "
+                    f"max_restarts={self.policy.max_restarts}): every node resumes from the shared checkpoint"
+                )
         elif obs.restarts:
             line += (
                 f"; restart {obs.restarts - obs.preemptions} of {self.policy.max_restarts}"

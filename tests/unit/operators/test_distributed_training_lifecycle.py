@@ -682,7 +682,8 @@ def test_trigger_enforces_max_preemptions_too(k8s_emulator, caplog, capfd):
     payload = asyncio.run(first())
     assert (payload["status"], payload["preemptions"]) == ("preemptions_exhausted", 1)
     log = caplog.text + "".join(capfd.readouterr())
-    assert "node set preempted; restart 1, 1 of 0 preemptions" in log
+    assert "node set preempted (1 in this try); max_preemptions=0" in log
+    assert "of 0 preemptions" not in log
     with pytest.raises(GPUTrainingFailure, match=r"preempted .* 1 times in this try: max_preemptions=0"):
         _lifecycle().conclude(payload)
     assert [d for d in k8s_emulator.deletions if d[0] == "jobsets"] == [

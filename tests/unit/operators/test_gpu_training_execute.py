@@ -19,15 +19,7 @@ from kubernetes.client import models as k8s
 from airflow_provider_mltrain.operators._triage import GPUTrainingFailure
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
 from gpu_trainer import contract
-from tests.fixtures.gpu_operator import IMAGE, FakeCluster, make_context, pushed, status_pod
-
-RESULT = contract.make_result(
-    run_id="abc123",
-    model_uri="runs:/abc123/model",
-    metrics={"val_accuracy": 0.97, "val_loss": 0.1, "train_loss": 0.05, "val_f1": 0.96},
-    params={"lr": 0.01},
-    resumed_from_epoch=None,
-)
+from tests.fixtures.gpu_operator import IMAGE, RESULT, FakeCluster, make_context, pushed, status_pod
 
 
 def make_op(**kwargs: Any) -> GPUTrainingPodOperator:

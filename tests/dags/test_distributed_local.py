@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from airflow_provider_mltrain.testing import run_dag, xcom_value
 from gpu_trainer import contract
 from gpu_trainer.digits import write_digits
 from tests.fixtures.gpu_operator import make_context
-from tests.fixtures.processes import alive, wait_for
+from tests.fixtures.processes import assert_all_gone, wait_for
 from tests.fixtures.trainer_scripts import TORCHRUN_PROBE
 
 #: Every node mounts it on a cluster; locally it stands for the shared directory under the checkpoint root.
@@ -173,13 +172,6 @@ def sleeper_pids(tmp_path: Path) -> list[int]:
     return [int(pid) for node in (0, 1) for pid in wait_for(tmp_path / f"pids-{node}", 60).split()]
 
 
-def assert_all_gone(pids: list[int]) -> None:
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [pid for pid in pids if alive(pid)] == [], "a process of a node survived the kill"
-
-
 def test_on_kill_stops_every_process_of_every_node(tmp_path, local_root):
     op = sleeper_op(tmp_path, max_restarts=2)  # a kill is never followed by a restart
     errors: list[BaseException] = []
@@ -203,7 +195,7 @@ def test_on_kill_stops_every_process_of_every_node(tmp_path, local_root):
 
     assert not thread.is_alive()
     assert errors and "exited with code" in str(errors[0]) and "after 0 of max_restarts=2" in str(errors[0])
-    assert_all_gone(workers + agents)
+    assert_all_gone(workers + agents, "a process of a node survived the kill", timeout=10)
 
 
 def test_execution_timeout_stops_every_process_of_every_node(tmp_path, local_root):
@@ -216,7 +208,7 @@ def test_execution_timeout_stops_every_process_of_every_node(tmp_path, local_roo
 
     assert not thread.is_alive()
     assert errors and isinstance(errors[0], AirflowException) and "execution_timeout" in str(errors[0])
-    assert_all_gone(workers)
+    assert_all_gone(workers, "a process of a node survived the kill", timeout=10)
 
 
 def _record(errors: list[BaseException], op: DistributedTrainingOperator) -> None:

@@ -24,7 +24,7 @@ from airflow_provider_mltrain.hooks.mlflow import connection_json
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
 from gpu_trainer import contract
 from tests.fixtures.gpu_operator import FakeCluster, make_context, pushed, status_pod
-from tests.fixtures.processes import alive, wait_for
+from tests.fixtures.processes import assert_all_gone, wait_for
 from tests.fixtures.trainer_scripts import FAKE_TRAINER
 
 SLEEPER = textwrap.dedent(
@@ -131,10 +131,7 @@ def test_execution_timeout_kills_the_process_group(tmp_path, local_root):
         op.execute(make_context())
     assert time.monotonic() - started < 15
     grandchild = int(wait_for(pids))
-    deadline = time.monotonic() + 5
-    while alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(grandchild)
+    assert_all_gone([grandchild], "the trainer's grandchild survived")
 
 
 def test_on_kill_stops_the_trainer(tmp_path, local_root):
@@ -157,10 +154,7 @@ def test_on_kill_stops_the_trainer(tmp_path, local_root):
     thread.join(15)
     assert not thread.is_alive()
     assert errors and "exited with code" in str(errors[0])
-    deadline = time.monotonic() + 5
-    while alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(grandchild)
+    assert_all_gone([grandchild], "the trainer's grandchild survived")
 
 
 def test_credentials_reach_only_the_child(

@@ -30,6 +30,7 @@ from typing import Any
 
 from airflow.exceptions import AirflowException
 
+from airflow_provider_mltrain.operators import _kueue as kueue
 from airflow_provider_mltrain.operators._manifests import (
     COMPLETION_INDEX_ANNOTATION,
     JOBSET_API_VERSION,
@@ -79,6 +80,7 @@ END_UNSCHEDULABLE = "unschedulable"
 END_IMAGE_PULL = "image_pull"
 END_GONE = "gone"
 END_PREEMPTIONS = "preemptions_exhausted"
+END_QUEUE_BLOCKED = "kueue_blocked"
 END_ERROR = "error"
 
 
@@ -134,6 +136,11 @@ class Observation:
         ``maxRestarts`` (``status.restarts - status.restartsCountTowardsMax``).
     :param pod: the pod the detail is about, if any.
     :param pull_failing: the image pull has failed at least once (``ImagePullBackOff`` and the like).
+    :param queue: the Kueue LocalQueue the job was submitted to ("" without Kueue).
+    :param kueue_pending: why Kueue has not admitted it (``reason: message`` of its Workload), "" if unknown.
+    :param queue_blocked: that reason is one no waiting fixes (a missing or stopped queue, see :mod:`._kueue`).
+    :param kueue_preemptions: times Kueue evicted and re-queued the job (included in ``preemptions``).
+    :param kueue_eviction: the latest eviction's ``reason: message``.
     """
 
     state: str
@@ -142,6 +149,11 @@ class Observation:
     pod: str | None = None
     pull_failing: bool = False
     preemptions: int = 0
+    queue: str = ""
+    kueue_pending: str = ""
+    queue_blocked: bool = False
+    kueue_preemptions: int = 0
+    kueue_eviction: str = ""
 
 
 def _true_condition(job: Mapping[str, Any], *types: str) -> Mapping[str, Any] | None:
@@ -242,6 +254,37 @@ def _observe_running(job: Mapping[str, Any], pods: Sequence[Any], restarts: int)
     return Observation(RUNNING, f"{len(pods)} pods", restarts)
 
 
+def observe_queued(
+    job: Mapping[str, Any], pods: Sequence[Any], workload: Mapping[str, Any] | None
+) -> Observation:
+    """:func:`observe`, plus what Kueue's Workload for the job says (None: not read, or none yet).
+
+    While the job waits for admission the detail carries the Workload's reason and message; a job Kueue
+    suspended again after admitting it (an eviction Kueue re-queues, e.g. a preemption) counts in
+    ``preemptions`` like a node preemption does.
+    """
+    obs = observe(job, pods)
+    queue = ((job.get("metadata") or {}).get("labels") or {}).get(QUEUE_LABEL) or ""
+    if workload is None:
+        return dataclasses.replace(obs, queue=queue)
+    seen = kueue.view(workload)
+    queue = queue or seen.queue
+    waiting = obs.state == ADMISSION
+    detail = obs.detail
+    if waiting and seen.pending:
+        detail = f"Kueue queue {queue!r}: {seen.pending}"
+    return dataclasses.replace(
+        obs,
+        detail=detail,
+        preemptions=obs.preemptions + seen.requeue_evictions,
+        queue=queue,
+        kueue_pending=seen.pending if waiting else "",
+        queue_blocked=waiting and seen.blocked,
+        kueue_preemptions=seen.requeue_evictions,
+        kueue_eviction=seen.last_eviction,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class WaitPolicy:
     """How long a wait may take in each state.
@@ -251,8 +294,12 @@ class WaitPolicy:
     :param unschedulable_timeout_s: give up after a pod was unschedulable (and no node is on its way), or
         its image failed to pull, for this long (None: never).
     :param max_restarts: the job's restart budget (JobSet ``failurePolicy.maxRestarts``), for the log.
-    :param max_preemptions: restarts after a disrupted node the wait allows before it fails (and the job
-        is deleted); None: not enforced (a TrainJob, whose runtime owns its restarts).
+    :param max_preemptions: restarts after a disrupted node, and re-queues after a Kueue eviction, the wait
+        allows before it fails (and the job is deleted); None: not enforced.
+    :param queue_grace_s: fail (and delete the job) after Kueue reported a blocker no waiting fixes (a
+        LocalQueue that does not exist, a stopped or inactive queue: :data:`._kueue.BLOCKED_REASONS`) for this
+        long; None: never. The grace lets a LocalQueue applied together with the DAG appear: Kueue
+        re-evaluates such a Workload when its queue changes.
     """
 
     poll_interval_s: float = 10.0
@@ -260,6 +307,7 @@ class WaitPolicy:
     unschedulable_timeout_s: float | None = 300.0
     max_restarts: int = 0
     max_preemptions: int | None = None
+    queue_grace_s: float | None = 60.0
 
     def serialize(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -283,6 +331,9 @@ class Progress:
         self._said: tuple[str, str, int] | None = None
         self._since: dict[str, float] = {}
         self._preemptions_said = preemptions_before
+        # The first observation's count is the baseline (a re-attached job's or a restarted trigger's).
+        self._kueue_said: int | None = None
+        self._blocked_since: float | None = None
 
     def describe(self, obs: Observation) -> str | None:
         """The log line for this observation, or None when it says nothing new."""
@@ -293,7 +344,17 @@ class Progress:
         line = f"{self.kind.kind} {self.name}: {obs.state}"
         if obs.detail:
             line += f" ({obs.detail})"
-        if obs.preemptions > self._preemptions_said:
+        kueue_said, self._kueue_said = self._kueue_said, obs.kueue_preemptions
+        if kueue_said is not None and obs.kueue_preemptions > kueue_said:
+            self._preemptions_said = max(self._preemptions_said, obs.preemptions)
+            limit = self.policy.max_preemptions
+            line += (
+                f"; preempted by Kueue: {obs.kueue_eviction or 'evicted and re-queued'}; "
+                f"{obs.preemptions - self.preemptions_before} of {'unlimited' if limit is None else limit} "
+                "preemptions in this try (max_preemptions=): re-queued, it resumes from the shared checkpoint "
+                "once Kueue admits it again"
+            )
+        elif obs.preemptions > self._preemptions_said:
             self._preemptions_said = obs.preemptions
             limit = self.policy.max_preemptions
             this_try = obs.preemptions - self.preemptions_before
@@ -331,22 +392,40 @@ class Progress:
         limit = self.policy.max_preemptions
         this_try = obs.preemptions - self.preemptions_before
         if limit is not None and this_try > limit:
+            how = (
+                f"was preempted {this_try} times in this try ({obs.kueue_preemptions} by Kueue, last: "
+                f"{obs.kueue_eviction or 'evicted and re-queued'})"
+                if obs.kueue_preemptions
+                else f"a node was preempted (evicted, drained or its node shut down) {this_try} times in this try"
+            )
             return self.end(
                 END_PREEMPTIONS,
-                f"{self.kind.kind} {self.name}: a node was preempted (evicted, drained or its node shut "
-                f"down) {this_try} times in this try: max_preemptions={limit} is spent, so the job "
+                f"{self.kind.kind} {self.name}: {how}: max_preemptions={limit} is spent, so the job "
                 "was deleted. The next Airflow retry (if any) resumes from the shared checkpoint; raise "
                 "max_preemptions= to keep restarting within one try, or run on nodes that are not preempted.",
                 obs,
             )
         if obs.state == FAILED:
             return self.end(END_FAILED, obs.detail, obs)
+        self._blocked_since = (self._blocked_since or now) if obs.queue_blocked else None
+        grace = self.policy.queue_grace_s
+        if self._blocked_since is not None and grace is not None and now - self._blocked_since >= grace:
+            what = f"{self.kind.kind} {self.name}"
+            message = kueue.blocked_message(what, obs.queue, obs.kueue_pending, now - self._blocked_since)
+            return self.end(END_QUEUE_BLOCKED, message, obs)
         waited = {state: now - since for state, since in self._since.items()}
         admission = self.policy.admission_timeout_s
         if admission is not None and waited.get(ADMISSION, -1.0) >= admission:
+            # The clock starts again each time Kueue re-queues the job: waiting for re-admission after a
+            # preemption is the same wait for quota as the first one, and the preemption is counted apart.
+            admitted = (
+                f"was preempted by Kueue ({obs.kueue_eviction or 'evicted and re-queued'}) and not re-admitted"
+                if obs.kueue_preemptions
+                else "was not admitted"
+            )
             return self.end(
                 END_ADMISSION_TIMEOUT,
-                f"{self.kind.kind} {self.name} was not admitted within admission_timeout_seconds={admission:g} "
+                f"{self.kind.kind} {self.name} {admitted} within admission_timeout_seconds={admission:g} "
                 f"({obs.detail}). Likely fix: check the queue's ClusterQueue quota and pending workloads "
                 "(`kubectl get workloads -A`, `kubectl describe clusterqueue`), lower num_nodes=/gpus=, or raise "
                 "admission_timeout_seconds=",
@@ -377,6 +456,57 @@ class Progress:
 # -- the synchronous client ---------------------------------------------------------------------------
 
 
+class WorkloadReader:
+    """The bookkeeping of reading Kueue Workloads that the sync client and the trigger share.
+
+    The read is a bonus: without the Role's ``get``/``list`` on ``workloads.kueue.x-k8s.io`` (or without
+    Kueue) the wait goes on as before and says once why it cannot show Kueue's reasons. A transient error
+    keeps the last Workload read, so a grace period does not start over on an API blip.
+    """
+
+    def __init__(self) -> None:
+        self._versions = list(kueue.VERSIONS)
+        self.last: dict[str, Any] | None = None
+        #: Why Workloads cannot be read (set once; the wait logs it once).
+        self.problem: str | None = None
+        self._problem_said = False
+
+    @property
+    def version(self) -> str | None:
+        return self._versions[0] if self._versions and self.problem is None else None
+
+    def uid_to_read(self, job: Mapping[str, Any]) -> str | None:
+        """The job's uid when its Workload is worth reading: it was submitted to a Kueue queue."""
+        metadata = job.get("metadata") or {}
+        if QUEUE_LABEL not in (metadata.get("labels") or {}):
+            return None
+        return metadata.get("uid") or None
+
+    def failed(self, status: int | None, reason: str) -> bool:
+        """Record a failed list; True to try the next API version."""
+        if status == 404 and len(self._versions) > 1:
+            self._versions.pop(0)  # a Kueue older than v0.15 serves only v1beta1
+            return True
+        if status in (401, 403, 404):
+            self.problem = (
+                f"{status} {reason}: the task log cannot show why Kueue holds the job, nor fail fast on a "
+                f"missing or stopped queue. Grant get/list on {kueue.PLURAL}.{kueue.GROUP} (README, Role)."
+            )
+        return False
+
+    def found(self, items: Sequence[Mapping[str, Any]], uid: str) -> dict[str, Any] | None:
+        owned = kueue.owned_workload(items, uid)
+        self.last = dict(owned) if owned is not None else None
+        return self.last
+
+    def say_problem(self) -> str | None:
+        """The problem to log, once."""
+        if self.problem is None or self._problem_said:
+            return None
+        self._problem_said = True
+        return self.problem
+
+
 class TrainingJobClient:
     """The API calls of one execution, over KubernetesHook's synchronous client.
 
@@ -392,6 +522,7 @@ class TrainingJobClient:
         self.namespace = namespace
         self.custom = CustomObjectsApi(api_client)
         self.core = CoreV1Api(api_client)
+        self.workloads = WorkloadReader()
 
     def _args(self) -> tuple[str, str, str, str]:
         return self.kind.group, self.kind.version, self.namespace, self.kind.plural
@@ -429,6 +560,28 @@ class TrainingJobClient:
         deadline = time.monotonic() + wait_s
         while self.get(name) is not None and time.monotonic() < deadline:
             time.sleep(poll_interval_s)
+
+    def workload(self, job: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The Workload Kueue owns for a job submitted to a queue (None: not queued, none yet, unreadable)."""
+        from kubernetes.client.exceptions import ApiException
+
+        reader = self.workloads
+        uid = reader.uid_to_read(job)
+        while uid is not None and reader.version is not None:
+            try:
+                found = self.custom.list_namespaced_custom_object(
+                    kueue.GROUP,
+                    reader.version,
+                    self.namespace,
+                    kueue.PLURAL,
+                    label_selector=f"{kueue.JOB_UID_LABEL}={uid}",
+                )
+            except ApiException as err:
+                if reader.failed(err.status, str(err.reason)):
+                    continue
+                break
+            return reader.found(found.get("items") or [], uid)
+        return reader.last
 
     def pods(self, name: str) -> list[Any]:
         # Kubeflow Trainer runs a TrainJob as a JobSet of the same name: one selector serves both.
@@ -523,7 +676,7 @@ class TrainingJobLifecycle:
         """
         for job in self.client.find(labels):
             name = job["metadata"]["name"]
-            obs = observe(job, [])
+            obs = observe_queued(job, [], self.client.workload(job))
             if obs.state not in (SUCCEEDED, FAILED):
                 self.preemptions_before = obs.preemptions
                 self.log.info(
@@ -555,7 +708,10 @@ class TrainingJobLifecycle:
                 return progress.end(
                     END_GONE, f"{self.kind.kind} {name} was deleted while the task waited for it"
                 )
-            obs = observe(job, self.client.pods(name))
+            obs = observe_queued(job, self.client.pods(name), self.client.workload(job))
+            problem = self.client.workloads.say_problem()
+            if problem:
+                self.log.warning("Cannot read Kueue's Workload for %s %s: %s", self.kind.kind, name, problem)
             line = progress.describe(obs)
             if line:
                 self.log.info("%s", line)
@@ -584,7 +740,7 @@ class TrainingJobLifecycle:
             raise AirflowException(f"Waiting for {what} failed: {message}")
         if status == END_GONE:
             raise AirflowException(message or f"{what} no longer exists")
-        if status in (END_ADMISSION_TIMEOUT, END_PREEMPTIONS):
+        if status in (END_ADMISSION_TIMEOUT, END_PREEMPTIONS, END_QUEUE_BLOCKED):
             self._delete_after_failure(name)
             raise GPUTrainingFailure(message)
         if status in (END_UNSCHEDULABLE, END_IMAGE_PULL):

@@ -222,12 +222,15 @@ class DistributedTrainingOperator(BaseOperator):
         without spending one.
     :param max_preemptions: JobSet: whole-set restarts after a disrupted node that one try allows, as
         ``GPUTrainingPodOperator``'s; one more fails the task naming the count and deletes the JobSet.
-        A TrainJob's runtime owns its restarts (not enforced there); the local launcher counts a stopped
-        node toward ``max_restarts``.
+        With Kueue (both backends) each time Kueue evicts and re-queues the job (a preemption) counts too.
+        A TrainJob's runtime owns its node restarts (not counted there); the local launcher counts a
+        stopped node toward ``max_restarts``.
     :param termination_grace_period: seconds each node pod gets between SIGTERM and SIGKILL, time for the
         trainer's SIGTERM checkpoint (default 120; None: Kubernetes' 30).
     :param admission_timeout_seconds: fail (and delete the resource) when Kueue has not admitted it in this
-        long; None waits without a limit of its own (``execution_timeout`` still applies).
+        long (counted again from each re-queue after a Kueue preemption); None waits without a limit of its
+        own (``execution_timeout`` still applies). A queue Kueue reports missing, stopped or inactive fails
+        the task after 60 s whatever this says (the README, "Kueue").
     :param unschedulable_timeout_seconds: fail after a node's pod has been unschedulable this long (unless
         the cluster autoscaler is scaling up), as for :class:`GPUTrainingPodOperator`.
     :param deferrable: wait on the triggerer; default from ``[operators] default_deferrable``.
@@ -734,8 +737,9 @@ class DistributedTrainingOperator(BaseOperator):
             admission_timeout_s=self.admission_timeout_seconds,
             unschedulable_timeout_s=self.unschedulable_timeout_seconds,
             max_restarts=self.max_restarts,
-            # A TrainJob's runtime owns its restarts and its status has no restart counts.
-            max_preemptions=self.max_preemptions if self.backend == "jobset" else None,
+            # A TrainJob's status has no restart counts (its runtime owns node restarts): there only Kueue's
+            # re-queues count.
+            max_preemptions=self.max_preemptions,
         )
         return TrainingJobLifecycle(client, policy, self._triage_context(), self.log)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_mltrain.operators import _kueue as kueue
 from airflow_provider_mltrain.operators._training_job import (
     END_ERROR,
     END_GONE,
@@ -29,7 +30,8 @@ from airflow_provider_mltrain.operators._training_job import (
     JobKind,
     Progress,
     WaitPolicy,
-    observe,
+    WorkloadReader,
+    observe_queued,
 )
 
 #: Consecutive failed API reads tolerated before the wait gives up (an API server blip should not end
@@ -41,7 +43,7 @@ class TrainingJobTrigger(BaseTrigger):
     """Fires once when the job finishes or fails, a budget is spent, or it vanishes.
 
     Event payload: ``status`` (``succeeded``, ``failed``, ``admission_timeout``, ``unschedulable``,
-    ``image_pull``, ``preemptions_exhausted``, ``gone``, ``error``), ``name``, ``message``, ``restarts``,
+    ``image_pull``, ``preemptions_exhausted``, ``kueue_blocked``, ``gone``, ``error``), ``name``, ``message``, ``restarts``,
     ``preemptions``, ``pod``.
 
     :param name: the job's name.
@@ -131,6 +133,7 @@ class TrainingJobTrigger(BaseTrigger):
         from kubernetes_asyncio.client.exceptions import ApiException
 
         custom, core = CustomObjectsApi(api_client), CoreV1Api(api_client)
+        workloads = WorkloadReader()
         errors = 0
         while True:
             try:
@@ -152,7 +155,10 @@ class TrainingJobTrigger(BaseTrigger):
                 await asyncio.sleep(policy.poll_interval_s)
                 continue
             errors = 0
-            obs = observe(job, pods.items or [])
+            obs = observe_queued(job, pods.items or [], await self._workload(custom, workloads, job))
+            problem = workloads.say_problem()
+            if problem:
+                self.log.warning("Cannot read Kueue's Workload for %s %s: %s", self.kind, self.name, problem)
             line = progress.describe(obs)
             if line:
                 self.log.info("%s", line)
@@ -169,6 +175,29 @@ class TrainingJobTrigger(BaseTrigger):
             if end is not None:
                 return end
             await asyncio.sleep(policy.poll_interval_s)
+
+    async def _workload(
+        self, custom: Any, reader: WorkloadReader, job: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The async twin of :meth:`TrainingJobClient.workload`."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        uid = reader.uid_to_read(job)
+        while uid is not None and reader.version is not None:
+            try:
+                found = await custom.list_namespaced_custom_object(
+                    kueue.GROUP,
+                    reader.version,
+                    self.namespace,
+                    kueue.PLURAL,
+                    label_selector=f"{kueue.JOB_UID_LABEL}={uid}",
+                )
+            except ApiException as err:
+                if reader.failed(err.status, str(err.reason)):
+                    continue
+                break
+            return reader.found(found.get("items") or [], uid)
+        return reader.last
 
     async def _scaling_up(self, core: Any, pod: str | None) -> bool:
         try:

@@ -457,6 +457,7 @@ def test_trigger_serializes_to_its_classpath_and_kwargs():
                 "unschedulable_timeout_s": 0.05,
                 "max_restarts": 0,
                 "max_preemptions": None,
+                "queue_grace_s": 60.0,
             },
             "kubernetes_conn_id": "kubernetes_default",
             "config_file": None,

@@ -14,15 +14,24 @@ What counts, from the Kubernetes sources:
   with reason ``Shutdown`` (1.20) or ``NodeShutdown`` (rejected while the node shuts down, >= 1.21), or
   ``Terminated`` with "Pod was terminated in response to imminent node shutdown." (>= 1.21);
 - a pod that vanished (404) together with its node (a spot node reclaimed by the cloud provider, whose
-  pods the pod garbage collector removed).
+  pods the pod garbage collector removed);
+- a pod Kueue's pod integration evicted (preempted to make room for another workload, its node failed):
+  Kueue marks it with the condition ``TerminationTarget`` (reason ``WorkloadEvictedDueTo<reason>``), not
+  ``DisruptionTarget``, then deletes it (kubernetes-sigs/kueue@ff69552e79ad:
+  pkg/controller/jobs/pod/pod_controller.go:521-563, the reason from
+  pkg/controller/jobframework/reconciler.go:1539-1546). Once the deleted pod is gone, Kueue's ``Stopped``
+  event on it (reconciler.go:1547-1549) still tells a preemption by its message.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from airflow.exceptions import AirflowException
+
+from airflow_provider_mltrain.operators import _kueue as kueue
 
 #: The pod's ``terminationGracePeriodSeconds`` unless the user sets one: the two minutes' notice AWS gives
 #: a spot instance (GCP and Azure give 30 s, which node shutdown then enforces whatever the pod asks), room
@@ -49,6 +58,26 @@ NODE_SHUTDOWN_REASONS = ("Shutdown", "NodeShutdown")
 #: kubelet paths use too: only its message tells it is the node shutting down.
 _SHUTDOWN_TERMINATED_REASON = "Terminated"
 _SHUTDOWN_MESSAGE_WORD = "shutdown"
+#: The pod condition Kueue's pod integration sets on a pod it stops
+#: (kubernetes-sigs/kueue@ff69552e79ad:pkg/controller/jobs/pod/pod_controller.go:68).
+KUEUE_TERMINATION_CONDITION = "TerminationTarget"
+#: Its reasons that are disruptions: the evictions after which Kueue itself re-queues a workload
+#: (:data:`._kueue.REQUEUE_EVICTION_REASONS`), as ``WorkloadEvicted`` + ``DueTo`` + the Workload's Evicted
+#: reason (reconciler.go:1541-1544). Not: ``WorkloadDeleted``, ``NotAdmitted``, a stopped queue, deactivation.
+KUEUE_TERMINATION_REASONS = tuple(
+    f"WorkloadEvictedDueTo{reason}" for reason in kueue.REQUEUE_EVICTION_REASONS
+)
+#: Kueue's event on a pod it stopped (kubernetes-sigs/kueue@ff69552e79ad:pkg/controller/jobframework/events.go:23),
+#: and how its message (the Workload's Evicted message) begins for a preemption
+#: (pkg/scheduler/preemption/preemption.go:185-186) and for failed nodes (pkg/scheduler/scheduler.go:930).
+KUEUE_STOPPED_EVENT = "Stopped"
+_KUEUE_EVICTION_MESSAGES = (
+    ("Preempted to accommodate a workload", "WorkloadEvictedDueToPreempted"),
+    (
+        "Workload was evicted as there was no replacement for unhealthy node",
+        "WorkloadEvictedDueToNodeFailures",
+    ),
+)
 #: Reason recorded for a pod that vanished with its node (no Kubernetes reason exists for it).
 VANISHED_WITH_NODE = "PodVanishedWithNode"
 #: The event key under which the deferrable path carries the count through the trigger (trigger_kwargs).
@@ -99,6 +128,12 @@ def disruption_of(pod: Any) -> Disruption | None:
             and condition.reason in DISRUPTION_REASONS
         ):
             return Disruption(name, str(condition.reason), str(condition.message or ""))
+        if (
+            condition.type == KUEUE_TERMINATION_CONDITION
+            and condition.status == "True"
+            and condition.reason in KUEUE_TERMINATION_REASONS
+        ):
+            return Disruption(name, str(condition.reason), str(condition.message or ""))
     reason = status.reason or ""
     message = str(status.message or "")
     if status.phase == "Failed" and (
@@ -124,6 +159,23 @@ def vanished_with_node(pod_name: str, node_name: str | None, node_exists: bool |
     return Disruption(
         pod_name, VANISHED_WITH_NODE, f"the pod and its node {node_name} are gone from the cluster"
     )
+
+
+def stopped_by_kueue(pod_name: str, events: Sequence[Any]) -> Disruption | None:
+    """A disruption for a queued pod that is gone (404), when Kueue's ``Stopped`` event on it says it was
+    preempted or its node failed (the pod and its TerminationTarget condition went before anyone looked).
+
+    :param pod_name: the pod that is gone.
+    :param events: its events (``V1Event`` objects).
+    """
+    for event in events:
+        if getattr(event, "reason", None) != KUEUE_STOPPED_EVENT:
+            continue
+        message = str(getattr(event, "message", None) or "")
+        for prefix, reason in _KUEUE_EVICTION_MESSAGES:
+            if message.startswith(prefix):
+                return Disruption(pod_name, reason, message)
+    return None
 
 
 def replacement_message(disruption: Disruption, count: int, limit: int, checkpoint_dir: str) -> str:

@@ -537,7 +537,11 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             return self._replace_and_defer(context, event, disrupted.disruption)
         except AirflowException:
             # The pod was gone before cleanup could look at it (KPO sets self.pod to None on a 404).
-            vanished = None if self.pod is not None or self._timed_out else self._vanished(event["name"])
+            vanished = (
+                None
+                if self.pod is not None or self._timed_out
+                else self._vanished(event["name"], event.get("namespace"))
+            )
             if vanished is None:
                 raise
             return self._replace_and_defer(context, event, vanished)
@@ -673,7 +677,10 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             except ApiException as err:
                 if err.status != 404:
                     raise
-                return self._vanished(pod.metadata.name)
+                # Kueue deletes the pod it preempted: the last look at it may still show why.
+                return preemption.disruption_of(remote_pod) or self._vanished(
+                    pod.metadata.name, pod.metadata.namespace
+                )
             if container_is_succeeded(current, self.base_container_name):
                 return None
             return preemption.disruption_of(current)
@@ -681,11 +688,11 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             self.log.warning("Could not tell whether the training pod was preempted: %s", err)
             return None
 
-    def _vanished(self, pod_name: str) -> preemption.Disruption | None:
-        """A disruption when the pod is gone together with the node it ran on."""
+    def _vanished(self, pod_name: str, namespace: str | None = None) -> preemption.Disruption | None:
+        """A disruption when the pod is gone together with the node it ran on, or Kueue evicted it."""
         node = self._node_name
         if not node:
-            return None
+            return self._stopped_by_kueue(pod_name, namespace)
         try:
             self.client.read_node(node)
             node_exists: bool | None = True
@@ -693,7 +700,21 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             node_exists = False if err.status == 404 else None
         except Exception:
             node_exists = None
-        return preemption.vanished_with_node(pod_name, node, node_exists)
+        return preemption.vanished_with_node(pod_name, node, node_exists) or self._stopped_by_kueue(
+            pod_name, namespace
+        )
+
+    def _stopped_by_kueue(self, pod_name: str, namespace: str | None) -> preemption.Disruption | None:
+        """A queued pod that is gone: Kueue's "Stopped" event on it tells whether Kueue preempted it."""
+        if not self.queue_name:
+            return None
+        gone = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=pod_name, namespace=namespace or self.namespace))
+        try:
+            events = self.pod_manager.read_pod_events(gone).items or []
+        except Exception as err:
+            self.log.warning("Could not read the events of pod %s: %s", pod_name, err)
+            return None
+        return preemption.stopped_by_kueue(pod_name, events)
 
     def _read_node_name(self, pod: k8s.V1Pod) -> str | None:
         try:

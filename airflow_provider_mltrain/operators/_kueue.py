@@ -1,4 +1,4 @@
-"""Read what Kueue says about a training job: its Workload's conditions, pure (no API calls here).
+"""Read what Kueue says about a training job or pod: its Workload's conditions.
 
 Kueue keeps the verdict on a queued job in the Workload it creates for it, not on the job: a mistyped
 ``queue_name``, a stopped queue or a request larger than the queue can ever give shows only there as
@@ -6,6 +6,7 @@ Kueue keeps the verdict on a queued job in the Workload it creates for it, not o
 Workload read-only (``get``/``list`` on ``workloads.kueue.x-k8s.io``) and hand it to the functions here,
 which decide what the task log says and when the wait gives up.
 
+The one API call, :func:`read_workload`, takes the caller's client (the trigger has its async twin).
 Everything below follows kubernetes-sigs/kueue at ff69552e79ad (main, v0.19 line); each constant cites
 where Kueue defines or writes it. Older Kueue (< 0.19, the ``UnadmittedWorkloadsObservability`` gate off)
 writes the same messages with the reason ``Inadmissible``; both are recognised.
@@ -29,6 +30,13 @@ PLURAL = "workloads"
 #: pkg/controller/jobframework/reconciler.go:1625); the Workload is also the job's controller-owned
 #: dependent (reconciler.go:1634).
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+#: The label that submits a job (or pod) to a LocalQueue
+#: (kubernetes-sigs/kueue@ff69552e79ad:pkg/controller/constants/constants.go:23).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: How long a blocker (:data:`BLOCKED_REASONS`) may be reported before the wait gives up: room for a
+#: LocalQueue applied together with the DAG, which Kueue notices and re-evaluates the Workload for
+#: (kubernetes-sigs/kueue@ff69552e79ad:pkg/controller/core/workload_controller.go:86-96).
+QUEUE_GRACE_S = 60.0
 
 # Condition types (kubernetes-sigs/kueue@ff69552e79ad:apis/kueue/v1beta2/workload_types.go:933-1017).
 QUOTA_RESERVED = "QuotaReserved"
@@ -204,3 +212,78 @@ def blocked_message(what: str, queue: str | None, pending: str, waited_s: float)
         f"{what} cannot be admitted by Kueue (queue {queue!r}): {pending} (reported for {waited_s:.0f}s, "
         f"so the job was deleted). Likely fix: {fix}."
     )
+
+
+class WorkloadReader:
+    """The bookkeeping of reading Kueue Workloads that the sync client and the trigger share.
+
+    The read is a bonus: without the Role's ``get``/``list`` on ``workloads.kueue.x-k8s.io`` (or without
+    Kueue) the wait goes on as before and says once why it cannot show Kueue's reasons. A transient error
+    keeps the last Workload read, so a grace period does not start over on an API blip.
+    """
+
+    def __init__(self) -> None:
+        self._versions = list(VERSIONS)
+        self.last: dict[str, Any] | None = None
+        #: Why Workloads cannot be read (set once; the wait logs it once).
+        self.problem: str | None = None
+        self._problem_said = False
+
+    @property
+    def version(self) -> str | None:
+        return self._versions[0] if self._versions and self.problem is None else None
+
+    def uid_to_read(self, job: Mapping[str, Any]) -> str | None:
+        """The job's uid when its Workload is worth reading: it was submitted to a Kueue queue."""
+        metadata = job.get("metadata") or {}
+        if QUEUE_LABEL not in (metadata.get("labels") or {}):
+            return None
+        return metadata.get("uid") or None
+
+    def failed(self, status: int | None, reason: str) -> bool:
+        """Record a failed list; True to try the next API version."""
+        if status == 404 and len(self._versions) > 1:
+            self._versions.pop(0)  # a Kueue older than v0.15 serves only v1beta1
+            return True
+        if status in (401, 403, 404):
+            self.problem = (
+                f"{status} {reason}: the task log cannot show why Kueue holds the job, nor fail fast on a "
+                f"missing or stopped queue. Grant get/list on {PLURAL}.{GROUP} (README, Role)."
+            )
+        return False
+
+    def found(self, items: Sequence[Mapping[str, Any]], uid: str) -> dict[str, Any] | None:
+        owned = owned_workload(items, uid)
+        self.last = dict(owned) if owned is not None else None
+        return self.last
+
+    def say_problem(self) -> str | None:
+        """The problem to log, once."""
+        if self.problem is None or self._problem_said:
+            return None
+        self._problem_said = True
+        return self.problem
+
+
+def read_workload(
+    custom: Any, namespace: str, reader: WorkloadReader, obj: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """List the Workload of ``obj`` (a job or pod as a dict) with a synchronous ``CustomObjectsApi``.
+
+    The trigger has the async twin (:meth:`TrainingJobTrigger._workload`); both keep their state in
+    ``reader``. Never raises: the read is a bonus.
+    """
+    uid = reader.uid_to_read(obj)
+    while uid is not None and reader.version is not None:
+        try:
+            found = custom.list_namespaced_custom_object(
+                GROUP, reader.version, namespace, PLURAL, label_selector=f"{JOB_UID_LABEL}={uid}"
+            )
+        except Exception as err:
+            if reader.failed(getattr(err, "status", None), str(getattr(err, "reason", err))):
+                continue
+            break
+        if not isinstance(found, Mapping):
+            break
+        return reader.found(found.get("items") or [], uid)
+    return reader.last

@@ -17,6 +17,7 @@ from typing import Any
 
 from kubernetes.client import models as k8s
 
+from airflow_provider_mltrain.operators._kueue import QUEUE_LABEL
 from airflow_provider_mltrain.operators._preemption import DISRUPTION_CONDITION
 from gpu_trainer import contract
 
@@ -30,8 +31,8 @@ RUNTIME_KINDS = ("ClusterTrainingRuntime", "TrainingRuntime")
 #: The replicated job and its container: the name Kubeflow Trainer's torch runtimes use, so both
 #: backends (and the local launcher) share it.
 NODE_NAME = "node"
-#: Kueue: the LocalQueue a workload is submitted to, and its WorkloadPriorityClass.
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: Kueue: the LocalQueue a workload is submitted to (QUEUE_LABEL, owned by ._kueue), and its
+#: WorkloadPriorityClass.
 PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"
 #: The scheduling gate Kueue's pod integration holds a queued pod behind until it admits it.
 ADMISSION_GATE = "kueue.x-k8s.io/admission"

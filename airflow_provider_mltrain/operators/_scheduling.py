@@ -5,17 +5,21 @@ satisfy would sit there for the whole timeout. This watch reads the pod's ``PodS
 (and, when it matters, its events for the cluster autoscaler's ``TriggeredScaleUp``) and turns a lasting
 "Unschedulable" into the triage's explanation. A pod Kueue holds behind its admission scheduling gate is
 waiting for quota, not unschedulable: the watch says so and starts the unschedulable clock only once
-Kueue has admitted it.
+Kueue has admitted it. Meanwhile it reads the pod's Workload (Kueue's pod integration creates one per pod):
+Kueue's reason is logged, and a queue Kueue reports missing, stopped or inactive fails the task after
+:data:`._kueue.QUEUE_GRACE_S` (see :mod:`._kueue`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.cncf.kubernetes.utils.pod_manager import PodPhase
 
+from airflow_provider_mltrain.operators import _kueue as kueue
 from airflow_provider_mltrain.operators._manifests import ADMISSION_GATE, QUEUE_LABEL
 from airflow_provider_mltrain.operators._triage import (
     GPUTrainingFailure,
@@ -41,6 +45,8 @@ def await_scheduling(
     triage_context: TriageContext,
     before_deferral: bool = False,
     log: logging.Logger | logging.LoggerAdapter | None = None,
+    workload_of: Callable[[k8s.V1Pod], Mapping[str, Any] | None] | None = None,
+    queue_grace_s: float | None = None,
 ) -> None:
     """Return once the pod is scheduled (or the budget is spent); raise when no node can take it.
 
@@ -55,8 +61,16 @@ def await_scheduling(
         after at most twice ``unschedulable_timeout_s``: a deferrable task should not hold a worker slot
         through a long wait; also as soon as the pod waits for Kueue admission (quota can take hours).
     :param log: where "waiting for admission" is said (the task log); default this module's logger.
-    :raises GPUTrainingFailure: the pod stayed unschedulable and no node is on its way.
+    :param workload_of: reads the pod's Kueue Workload (None: not read); never raises.
+    :param queue_grace_s: fail once Kueue reported a blocker this long (default :data:`._kueue.QUEUE_GRACE_S`);
+        before a deferral the watch stays on the worker only while Kueue reports one.
+    :raises GPUTrainingFailure: the pod stayed unschedulable and no node is on its way, or Kueue cannot
+        admit it (a missing or stopped queue).
     """
+    grace = kueue.QUEUE_GRACE_S if queue_grace_s is None else queue_grace_s
+    log = log or _log
+    said_pending = ""
+    blocked_since: float | None = None
     budget = schedule_timeout_s
     if before_deferral:
         budget = min(budget, 2 * unschedulable_timeout_s)
@@ -66,9 +80,9 @@ def await_scheduling(
     while True:
         remote = pod_manager.read_pod(pod)
         if awaits_admission(remote):
+            queue = ((remote.metadata.labels or {}) if remote.metadata else {}).get(QUEUE_LABEL)
             if not said_waiting:
-                queue = ((remote.metadata.labels or {}) if remote.metadata else {}).get(QUEUE_LABEL)
-                (log or _log).info(
+                log.info(
                     "Pod %s: waiting for admission (Kueue queue %r holds it behind the %s scheduling gate "
                     "until its quota allows; this wait counts against schedule_timeout_seconds)",
                     getattr(remote.metadata, "name", None),
@@ -76,7 +90,22 @@ def await_scheduling(
                     ADMISSION_GATE,
                 )
                 said_waiting = True
-            if before_deferral:
+            workload = workload_of(remote) if workload_of is not None else None
+            seen = kueue.view(workload) if workload is not None else None
+            name = getattr(remote.metadata, "name", None)
+            if seen is not None and seen.pending and seen.pending != said_pending:
+                log.info("Pod %s: Kueue queue %r: %s", name, queue, seen.pending)
+                said_pending = seen.pending
+            if seen is None or not seen.blocked:
+                blocked_since = None
+            else:
+                now = time.monotonic()
+                blocked_since = now if blocked_since is None else blocked_since
+                if now - blocked_since >= grace:
+                    raise GPUTrainingFailure(
+                        kueue.blocked_message(f"Pod {name}", queue, seen.pending, now - blocked_since)
+                    )
+            if before_deferral and blocked_since is None:
                 return  # wait for the queue on the triggerer, not on a worker
             first_seen = None  # the unschedulable clock starts once Kueue has admitted the pod
             if time.monotonic() >= deadline:

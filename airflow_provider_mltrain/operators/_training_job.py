@@ -307,7 +307,7 @@ class WaitPolicy:
     unschedulable_timeout_s: float | None = 300.0
     max_restarts: int = 0
     max_preemptions: int | None = None
-    queue_grace_s: float | None = 60.0
+    queue_grace_s: float | None = kueue.QUEUE_GRACE_S
 
     def serialize(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -407,7 +407,10 @@ class Progress:
             )
         if obs.state == FAILED:
             return self.end(END_FAILED, obs.detail, obs)
-        self._blocked_since = (self._blocked_since or now) if obs.queue_blocked else None
+        if not obs.queue_blocked:
+            self._blocked_since = None
+        elif self._blocked_since is None:
+            self._blocked_since = now
         grace = self.policy.queue_grace_s
         if self._blocked_since is not None and grace is not None and now - self._blocked_since >= grace:
             what = f"{self.kind.kind} {self.name}"
@@ -456,57 +459,6 @@ class Progress:
 # -- the synchronous client ---------------------------------------------------------------------------
 
 
-class WorkloadReader:
-    """The bookkeeping of reading Kueue Workloads that the sync client and the trigger share.
-
-    The read is a bonus: without the Role's ``get``/``list`` on ``workloads.kueue.x-k8s.io`` (or without
-    Kueue) the wait goes on as before and says once why it cannot show Kueue's reasons. A transient error
-    keeps the last Workload read, so a grace period does not start over on an API blip.
-    """
-
-    def __init__(self) -> None:
-        self._versions = list(kueue.VERSIONS)
-        self.last: dict[str, Any] | None = None
-        #: Why Workloads cannot be read (set once; the wait logs it once).
-        self.problem: str | None = None
-        self._problem_said = False
-
-    @property
-    def version(self) -> str | None:
-        return self._versions[0] if self._versions and self.problem is None else None
-
-    def uid_to_read(self, job: Mapping[str, Any]) -> str | None:
-        """The job's uid when its Workload is worth reading: it was submitted to a Kueue queue."""
-        metadata = job.get("metadata") or {}
-        if QUEUE_LABEL not in (metadata.get("labels") or {}):
-            return None
-        return metadata.get("uid") or None
-
-    def failed(self, status: int | None, reason: str) -> bool:
-        """Record a failed list; True to try the next API version."""
-        if status == 404 and len(self._versions) > 1:
-            self._versions.pop(0)  # a Kueue older than v0.15 serves only v1beta1
-            return True
-        if status in (401, 403, 404):
-            self.problem = (
-                f"{status} {reason}: the task log cannot show why Kueue holds the job, nor fail fast on a "
-                f"missing or stopped queue. Grant get/list on {kueue.PLURAL}.{kueue.GROUP} (README, Role)."
-            )
-        return False
-
-    def found(self, items: Sequence[Mapping[str, Any]], uid: str) -> dict[str, Any] | None:
-        owned = kueue.owned_workload(items, uid)
-        self.last = dict(owned) if owned is not None else None
-        return self.last
-
-    def say_problem(self) -> str | None:
-        """The problem to log, once."""
-        if self.problem is None or self._problem_said:
-            return None
-        self._problem_said = True
-        return self.problem
-
-
 class TrainingJobClient:
     """The API calls of one execution, over KubernetesHook's synchronous client.
 
@@ -522,7 +474,7 @@ class TrainingJobClient:
         self.namespace = namespace
         self.custom = CustomObjectsApi(api_client)
         self.core = CoreV1Api(api_client)
-        self.workloads = WorkloadReader()
+        self.workloads = kueue.WorkloadReader()
 
     def _args(self) -> tuple[str, str, str, str]:
         return self.kind.group, self.kind.version, self.namespace, self.kind.plural
@@ -563,25 +515,7 @@ class TrainingJobClient:
 
     def workload(self, job: Mapping[str, Any]) -> dict[str, Any] | None:
         """The Workload Kueue owns for a job submitted to a queue (None: not queued, none yet, unreadable)."""
-        from kubernetes.client.exceptions import ApiException
-
-        reader = self.workloads
-        uid = reader.uid_to_read(job)
-        while uid is not None and reader.version is not None:
-            try:
-                found = self.custom.list_namespaced_custom_object(
-                    kueue.GROUP,
-                    reader.version,
-                    self.namespace,
-                    kueue.PLURAL,
-                    label_selector=f"{kueue.JOB_UID_LABEL}={uid}",
-                )
-            except ApiException as err:
-                if reader.failed(err.status, str(err.reason)):
-                    continue
-                break
-            return reader.found(found.get("items") or [], uid)
-        return reader.last
+        return kueue.read_workload(self.custom, self.namespace, self.workloads, job)
 
     def pods(self, name: str) -> list[Any]:
         # Kubeflow Trainer runs a TrainJob as a JobSet of the same name: one selector serves both.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -33,6 +33,7 @@ from kubernetes.client.exceptions import ApiException
 from airflow_provider_mltrain.hooks.mlflow import MLflowHook
 from airflow_provider_mltrain.launchers.local import LocalLauncher, LocalTrainerTimeout, local_checkpoint_root
 from airflow_provider_mltrain.links.mlflow import MLflowRunLink
+from airflow_provider_mltrain.operators import _kueue as kueue
 from airflow_provider_mltrain.operators import _pod_spec as spec
 from airflow_provider_mltrain.operators import _pod_template as template
 from airflow_provider_mltrain.operators import _preemption as preemption
@@ -300,6 +301,8 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         self._startup_failure = None
         self._final_result = _UNSET
         self._node_name = None
+        # Kueue Workload reads of this execution (which API version answers, whether the Role allows it).
+        self._workload_reader = kueue.WorkloadReader()
         self._timed_out = False
 
     #: True while the local launcher builds the pod spec only to validate it (a class default: the
@@ -627,10 +630,29 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
                 triage_context=self._triage_context(),
                 before_deferral=before_deferral,
                 log=self.log,
+                workload_of=self._pod_workload if self.queue_name else None,
+                queue_grace_s=kueue.QUEUE_GRACE_S,
             )
         except GPUTrainingFailure as failure:
             self._startup_failure = failure
             raise
+
+    def _pod_workload(self, remote: k8s.V1Pod) -> Mapping[str, Any] | None:
+        """The Workload Kueue's pod integration owns for this pod (read-only; None when unreadable)."""
+        from kubernetes.client import CustomObjectsApi
+
+        metadata = remote.metadata
+        reader = self._workload_reader
+        found = kueue.read_workload(
+            CustomObjectsApi(self.client.api_client),
+            metadata.namespace or self.namespace or "default",
+            reader,
+            {"metadata": {"uid": metadata.uid, "labels": dict(metadata.labels or {})}},
+        )
+        problem = reader.say_problem()
+        if problem:
+            self.log.warning("Cannot read Kueue's Workload for pod %s: %s", metadata.name, problem)
+        return found
 
     def cleanup(
         self,

@@ -30,7 +30,6 @@ from airflow_provider_mltrain.operators._training_job import (
     JobKind,
     Progress,
     WaitPolicy,
-    WorkloadReader,
     observe_queued,
 )
 
@@ -133,7 +132,7 @@ class TrainingJobTrigger(BaseTrigger):
         from kubernetes_asyncio.client.exceptions import ApiException
 
         custom, core = CustomObjectsApi(api_client), CoreV1Api(api_client)
-        workloads = WorkloadReader()
+        workloads = kueue.WorkloadReader()
         errors = 0
         while True:
             try:
@@ -177,7 +176,7 @@ class TrainingJobTrigger(BaseTrigger):
             await asyncio.sleep(policy.poll_interval_s)
 
     async def _workload(
-        self, custom: Any, reader: WorkloadReader, job: dict[str, Any]
+        self, custom: Any, reader: kueue.WorkloadReader, job: dict[str, Any]
     ) -> dict[str, Any] | None:
         """The async twin of :meth:`TrainingJobClient.workload`."""
         from kubernetes_asyncio.client.exceptions import ApiException

@@ -9,18 +9,22 @@ GPUTrainingPodOperator runs KubernetesPodOperator's real code against the API em
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from airflow.exceptions import TaskDeferred
 from kubernetes.client import models as k8s
 
 from airflow_provider_mltrain.operators import _kueue as kueue
 from airflow_provider_mltrain.operators._manifests import QUEUE_LABEL
 from airflow_provider_mltrain.operators._preemption import disruption_of, stopped_by_kueue
 from airflow_provider_mltrain.operators._triage import GPUTrainingFailure
-from tests.fixtures.gpu_operator import make_context
+from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
+from tests.fixtures.gpu_operator import IMAGE, make_context
 from tests.fixtures.k8s_emulator import KubernetesEmulator
 from tests.fixtures.players.kueue import ADMISSION_GATE, KueuePlayer
 from tests.fixtures.pod_kubelet import RESULT, Kubelet, serve_xcom_from_pods
-from tests.unit.operators.test_gpu_training_preemption import logged, run
+from tests.unit.operators.test_gpu_training_preemption import _first_event, logged, run
 
 PREEMPTED = (
     "WorkloadEvictedDueToPreempted: Preempted to accommodate a workload (UID: "
@@ -124,3 +128,55 @@ def test_the_stopped_event_of_a_gone_pod_names_a_preemption_only():
     found = stopped_by_kueue("train-abc", [deleted, preempted])
     assert found is not None and found.reason == "WorkloadEvictedDueToPreempted"
     assert stopped_by_kueue("train-abc", [deleted]) is None
+
+
+# -- the pod's Workload: a queue Kueue cannot use fails fast (defect 4, pod integration) ------------------------
+
+
+def run_watched(mode: str, queue: str) -> None:
+    """Execute with the scheduling watch on (unschedulable_timeout_seconds set), which reads the Workload."""
+    op = GPUTrainingPodOperator(
+        task_id="train",
+        image=IMAGE,
+        namespace="default",
+        get_logs=False,
+        queue_name=queue,
+        unschedulable_timeout_seconds=30,
+        startup_check_interval_seconds=1,
+        poll_interval=0.05,
+        deferrable=mode == "deferrable",
+    )
+    try:
+        op.execute(make_context())
+    except (
+        TaskDeferred
+    ) as deferred:  # not expected: the watch stays on the worker while Kueue reports a blocker
+        asyncio.run(asyncio.wait_for(_first_event(deferred.trigger), timeout=5))
+        raise AssertionError("deferred although Kueue reported a blocker") from None
+
+
+@pytest.mark.parametrize(
+    ("player_kwargs", "queue", "said"),
+    [
+        ({}, "team-typo", "Misconfigured: LocalQueue team-typo doesn't exist"),
+        ({"stopped_local_queues": ["team-a"]}, "team-a", "Suspended: LocalQueue team-a is inactive"),
+    ],
+    ids=["missing-local-queue", "stopped-local-queue"],
+)
+def test_a_queued_pod_kueue_cannot_admit_fails_fast_naming_the_queue(
+    k8s_emulator, xcom_from_pod, mode, monkeypatch, caplog, capfd, player_kwargs, queue, said
+):
+    monkeypatch.setattr(kueue, "QUEUE_GRACE_S", 0.5)
+    KueuePlayer(k8s_emulator, "pods", admit_on_read=True, **player_kwargs)
+    kubelet = Kubelet(k8s_emulator, ["succeeded"])
+    caplog.set_level("INFO")
+
+    with pytest.raises(GPUTrainingFailure) as failure:
+        run_watched(mode, queue)
+
+    [pod] = kubelet.created
+    assert f"Pod {pod['metadata']['name']} cannot be admitted by Kueue (queue {queue!r}): {said}" in str(
+        failure.value
+    )
+    assert f"Kueue queue {queue!r}: {said}" in logged(caplog, capfd)
+    assert k8s_emulator.list("pods") == []  # deleted: Kueue would admit it later for nobody

@@ -19,6 +19,7 @@ from kubernetes.client import models as k8s
 
 from airflow_provider_mltrain._templating import renders_later
 from airflow_provider_mltrain.hooks.mlflow import MLflowHook
+from airflow_provider_mltrain.operators import _kueue as kueue
 from airflow_provider_mltrain.operators import _manifests as manifests
 from airflow_provider_mltrain.operators import _pod_spec as spec
 from airflow_provider_mltrain.operators import _pod_template as template
@@ -740,6 +741,7 @@ class DistributedTrainingOperator(BaseOperator):
             # A TrainJob's status has no restart counts (its runtime owns node restarts): there only Kueue's
             # re-queues count.
             max_preemptions=self.max_preemptions,
+            queue_grace_s=kueue.QUEUE_GRACE_S,
         )
         return TrainingJobLifecycle(client, policy, self._triage_context(), self.log)
 

@@ -285,3 +285,50 @@ def test_a_reattached_jobs_earlier_kueue_preemptions_are_not_this_trys(k8s_emula
     assert "Re-attaching to JobSet train-try1" in caplog.text
     assert lifecycle.preemptions_before == 2
     assert (end["status"], end["preemptions"]) == ("succeeded", 2)
+
+
+# -- the operator, through dag.test() ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("deferrable", "backend"),
+    [(False, "jobset"), (True, "trainjob")],
+    ids=["sync-jobset", "deferrable-trainjob"],
+)
+def test_dag_run_with_a_mistyped_queue_fails_in_seconds_naming_it(
+    airflow_db, k8s_emulator, monkeypatch, caplog, capfd, deferrable, backend
+):
+    import datetime
+
+    from airflow.sdk import DAG
+
+    from airflow_provider_mltrain.operators import _kueue as kueue
+    from airflow_provider_mltrain.operators.distributed_training import DistributedTrainingOperator
+    from tests.fixtures.airflow_env import run_dag
+
+    monkeypatch.setattr(kueue, "QUEUE_GRACE_S", 0.1)
+    plural = "trainjobs" if backend == "trainjob" else "jobsets"
+    KueuePlayer(k8s_emulator, plural)
+    with DAG(f"kueue_typo_{backend}", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
+        DistributedTrainingOperator(
+            task_id="train",
+            image="registry.example/trainer:1",
+            num_nodes=2,
+            checkpoint_uri="s3://bucket/ckpt",
+            poll_interval=0.01,
+            launcher="kubernetes",
+            backend=backend,
+            deferrable=deferrable,
+            queue_name="team-typo",
+            retries=0,
+        )
+
+    dag_run = run_dag(dag)
+
+    assert dag_run.get_task_instance("train").state == "failed"
+    log = logged(caplog, capfd)
+    assert (
+        "cannot be admitted by Kueue (queue 'team-typo'): Misconfigured: LocalQueue team-typo doesn't exist"
+        in log
+    )
+    assert k8s_emulator.list(plural) == []

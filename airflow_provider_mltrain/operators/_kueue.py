@@ -224,7 +224,7 @@ class WorkloadReader:
 
     def __init__(self) -> None:
         self._versions = list(VERSIONS)
-        self.last: dict[str, Any] | None = None
+        self._last: dict[str, dict[str, Any] | None] = {}
         #: Why Workloads cannot be read (set once; the wait logs it once).
         self.problem: str | None = None
         self._problem_said = False
@@ -254,8 +254,12 @@ class WorkloadReader:
 
     def found(self, items: Sequence[Mapping[str, Any]], uid: str) -> dict[str, Any] | None:
         owned = owned_workload(items, uid)
-        self.last = dict(owned) if owned is not None else None
-        return self.last
+        self._last = {uid: dict(owned) if owned is not None else None}
+        return self._last[uid]
+
+    def last(self, uid: str | None) -> dict[str, Any] | None:
+        """The Workload last read for ``uid`` (kept over a failed read)."""
+        return self._last.get(uid) if uid is not None else None
 
     def say_problem(self) -> str | None:
         """The problem to log, once."""
@@ -286,4 +290,4 @@ def read_workload(
         if not isinstance(found, Mapping):
             break
         return reader.found(found.get("items") or [], uid)
-    return reader.last
+    return reader.last(uid)

@@ -196,7 +196,7 @@ class TrainingJobTrigger(BaseTrigger):
                     continue
                 break
             return reader.found(found.get("items") or [], uid)
-        return reader.last
+        return reader.last(uid)
 
     async def _scaling_up(self, core: Any, pod: str | None) -> bool:
         try:

@@ -332,3 +332,63 @@ def test_dag_run_with_a_mistyped_queue_fails_in_seconds_naming_it(
         in log
     )
     assert k8s_emulator.list(plural) == []
+
+
+# -- the reading, on Workloads as Kueue writes them --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reason", "message", "blocked"),
+    [
+        ("Misconfigured", "ClusterQueue cluster-a doesn't exist", True),
+        ("Suspended", "ClusterQueue cluster-a is stopped", True),
+        (
+            "ExceedsMaxQuota",
+            "couldn't assign flavors to pod set node: insufficient quota for nvidia.com/gpu",
+            True,
+        ),
+        ("Deactivated", "The workload is deactivated", True),
+        ("Inadmissible", "LocalQueue team-a is stopped", True),  # Kueue < 0.19
+        ("Inadmissible", "ClusterQueue cluster-a not found", True),
+        ("Inadmissible", "couldn't assign flavors to pod set node", False),
+        (
+            "WaitingForQuota",
+            "insufficient unused quota for nvidia.com/gpu in flavor a100, 8 more needed",
+            False,
+        ),
+        ("PendingEvaluation", "Workload is pending evaluation in the scheduling queue", False),
+        ("NoMatchingFlavor", "couldn't assign flavors", False),
+        ("Pending", "couldn't assign flavors", False),
+    ],
+)
+def test_which_quota_reserved_reasons_are_blockers(reason, message, blocked):
+    from airflow_provider_mltrain.operators import _kueue as kueue
+
+    workload = {
+        "status": {
+            "conditions": [{"type": "QuotaReserved", "status": "False", "reason": reason, "message": message}]
+        }
+    }
+    seen = kueue.view(workload)
+    assert (seen.pending, seen.blocked, seen.admitted) == (f"{reason}: {message}", blocked, False)
+
+
+def test_reads_survive_a_kueue_without_v1beta2_a_missing_role_and_a_blip():
+    from airflow_provider_mltrain.operators import _kueue as kueue
+
+    reader = kueue.WorkloadReader()
+    assert reader.version == "v1beta2"
+    assert reader.failed(404, "Not Found") is True  # Kueue < 0.15: v1beta1 only
+    assert reader.version == "v1beta1"
+    owned = {"metadata": {"name": "w", "ownerReferences": [{"uid": "u1"}]}}
+    assert (
+        reader.found([owned, {"metadata": {"name": "other", "ownerReferences": [{"uid": "u2"}]}}], "u1")
+        == owned
+    )
+    assert reader.failed(500, "Internal Server Error") is False  # a blip: the last Workload read still counts
+    assert (reader.last("u1"), reader.last("u2"), reader.problem) == (owned, None, None)
+    assert reader.failed(403, "Forbidden") is False
+    assert reader.version is None  # no more reads
+    said = reader.say_problem()
+    assert said is not None and said.startswith("403 Forbidden") and "workloads.kueue.x-k8s.io" in said
+    assert reader.say_problem() is None  # once

@@ -348,12 +348,15 @@ class Progress:
         if kueue_said is not None and obs.kueue_preemptions > kueue_said:
             self._preemptions_said = max(self._preemptions_said, obs.preemptions)
             limit = self.policy.max_preemptions
-            line += (
-                f"; preempted by Kueue: {obs.kueue_eviction or 'evicted and re-queued'}; "
-                f"{obs.preemptions - self.preemptions_before} of {'unlimited' if limit is None else limit} "
-                "preemptions in this try (max_preemptions=): re-queued, it resumes from the shared checkpoint "
-                "once Kueue admits it again"
-            )
+            this_try = obs.preemptions - self.preemptions_before
+            line += f"; preempted by Kueue: {obs.kueue_eviction or 'evicted and re-queued'}"
+            if limit is not None and this_try > limit:
+                line += f" ({this_try} in this try); max_preemptions={limit}"  # step() ends the wait
+            else:
+                line += (
+                    f"; preemption {this_try} of max_preemptions={'unlimited' if limit is None else limit} in "
+                    "this try: re-queued, it resumes from the shared checkpoint once Kueue admits it again"
+                )
         elif obs.preemptions > self._preemptions_said:
             self._preemptions_said = obs.preemptions
             limit = self.policy.max_preemptions

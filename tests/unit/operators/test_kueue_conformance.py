@@ -218,7 +218,7 @@ def test_a_kueue_preemption_is_counted_and_logged_and_the_job_resumes(k8s_emulat
         "; preempted by Kueue: Preempted: Preempted to accommodate a workload (UID: "
         "5c0e6a57-0000-4000-8000-000000000001, JobUID: UNKNOWN) due to prioritization in the ClusterQueue"
     ) in log
-    assert "1 of 3 preemptions in this try (max_preemptions=)" in log
+    assert "; preemption 1 of max_preemptions=3 in this try: re-queued" in log
     assert "not admitted within" not in log
     assert "node set preempted" not in log
 

@@ -132,16 +132,18 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         ``[mltrain] launcher`` setting. Never a silent fallback.
     :param queue_name: Kueue LocalQueue to submit the pod to (the ``kueue.x-k8s.io/queue-name`` label; needs
         Kueue's pod integration). While Kueue holds the pod behind its admission gate the log says "waiting
-        for admission" and the unschedulable fail-fast waits; the wait counts against
-        ``schedule_timeout_seconds`` (raise it for long queues).
+        for admission" with Kueue's reason (its Workload, read-only) and the unschedulable fail-fast waits;
+        the wait counts against ``schedule_timeout_seconds`` (raise it for long queues). A queue Kueue reports
+        missing, stopped or inactive fails the task after 60 s (with ``unschedulable_timeout_seconds`` set).
+        A pod Kueue preempts is replaced, back in the queue, within ``max_preemptions``.
     :param unschedulable_timeout_seconds: fail after the scheduler has called the pod unschedulable for
         this long (unless the cluster autoscaler is scaling up); None waits ``schedule_timeout_seconds``.
         In deferrable mode the worker watches scheduling before it defers, for at most twice this long:
         it defers as soon as the pod is scheduled or the autoscaler is adding a node, and fails (and
         deletes the pod) when no node can take it.
     :param local_kill_grace_seconds: local launcher: seconds between SIGTERM and SIGKILL on kill/timeout.
-    :param max_preemptions: replacement pods per try when the pod is preempted, evicted, its node shuts
-        down or vanishes (see :mod:`._preemption`); each new pod resumes from the same checkpoint directory
+    :param max_preemptions: replacement pods per try when the pod is preempted (by the scheduler or by
+        Kueue), evicted, its node shuts down or vanishes (see :mod:`._preemption`); each new pod resumes from the same checkpoint directory
         without failing the try or spending a retry. The local launcher restarts a trainer that exited
         ``143`` after a SIGTERM that did not come from Airflow the same way. 0 fails on the first.
     :param termination_grace_period: seconds Kubernetes waits between SIGTERM and SIGKILL (the pod's

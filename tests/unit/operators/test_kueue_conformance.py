@@ -392,3 +392,24 @@ def test_reads_survive_a_kueue_without_v1beta2_a_missing_role_and_a_blip():
     said = reader.say_problem()
     assert said is not None and said.startswith("403 Forbidden") and "workloads.kueue.x-k8s.io" in said
     assert reader.say_problem() is None  # once
+
+
+def test_a_queue_drained_under_a_running_job_is_no_preemption_and_fails_fast(
+    k8s_emulator, mode, caplog, capfd
+):
+    """stopPolicy HoldAndDrain: Kueue evicts (LocalQueueStopped) and does not re-queue; the job is not
+    counted as preempted and the task fails naming the stopped queue."""
+    player = KueuePlayer(k8s_emulator)
+    cluster = Cluster(k8s_emulator)
+    cluster.script(
+        player.step("admit"), cluster.pods(), player.step("stop_local_queue"), *[cluster.wait] * 500
+    )
+
+    end = wait(mode, k8s_emulator, queued(), max_preemptions=0, **GRACE)
+
+    assert (end["status"], end["preemptions"]) == ("kueue_blocked", 0)
+    assert (
+        "cannot be admitted by Kueue (queue 'team-a'): Suspended: LocalQueue team-a is stopped"
+        in end["message"]
+    )
+    assert "preempted by Kueue" not in logged(caplog, capfd)

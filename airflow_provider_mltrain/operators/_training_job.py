@@ -1,8 +1,10 @@
 """The lifecycle of one multi-node training job (a JobSet or a Kubeflow TrainJob) on the Kubernetes API.
 
 Create it, or re-attach to the one an earlier try of the same task instance left running; wait for it while
-telling the task log what it is doing (waiting for Kueue admission, unschedulable, pulling the image,
-running, restarted k of N times); fail fast when it cannot be scheduled or admitted in time; read the
+telling the task log what it is doing (waiting for Kueue admission, with the reason from the Workload Kueue
+owns for the job, see :mod:`._kueue`; unschedulable, pulling the image, running, restarted k of N times,
+preempted by Kueue); fail fast when it cannot be scheduled or admitted in time, or Kueue reports a queue it
+cannot use; read the
 leader's result; delete it (foreground propagation) on kill and timeouts.
 
 The reading of the resource (:func:`observe`) and the timers (:class:`Progress`) are pure and shared by the

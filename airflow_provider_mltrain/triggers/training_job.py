@@ -1,6 +1,7 @@
 """TrainingJobTrigger: wait, on the triggerer, until a multi-node training job (JobSet or TrainJob) ends.
 
-It reads the job and its pods with the async Kubernetes client of ``AsyncKubernetesHook`` and applies the
+It reads the job, its pods and (with Kueue) the job's Workload with the async Kubernetes client of
+``AsyncKubernetesHook`` and applies the
 same reading (:func:`~airflow_provider_mltrain.operators._training_job.observe`) and budgets
 (:class:`~airflow_provider_mltrain.operators._training_job.Progress`) as the synchronous wait, so both modes
 report the same states and give up for the same reasons. It only decides when the wait ends; the

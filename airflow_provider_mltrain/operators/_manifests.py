@@ -38,8 +38,12 @@ PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"
 ADMISSION_GATE = "kueue.x-k8s.io/admission"
 #: The Indexed Job's completion index of a pod: its node rank.
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-#: The owner of the TrainJob's runtime patch (any stable name; Kubeflow Trainer keys patches by it).
-PATCH_MANAGER = "airflow-provider-mltrain"
+#: The owner of the TrainJob's runtime patch. Kubeflow Trainer keys patches by it and its webhook requires
+#: a domain-prefixed path (``<DNS subdomain>/<path>``, like Kueue's ``kueue.x-k8s.io/manager``): a bare name
+#: is refused at create. The prefix is the project's GitHub organization's own domain (``<org>.github.io``
+#: belongs to that organization), so it claims no one else's. It must stay stable: the manager keys the
+#: patch, and the CRD makes it immutable.
+PATCH_MANAGER = "airflow-provider-mltrain.github.io/manager"
 #: Labels identifying the Airflow task instance (KubernetesPodOperator's keys, so existing tooling and
 #: cleanup jobs that select on them find these resources too).
 TASK_LABEL_KEYS = ("dag_id", "task_id", "run_id", "map_index")

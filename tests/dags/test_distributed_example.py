@@ -4,9 +4,9 @@ run is in test_distributed_example_local.py)."""
 from __future__ import annotations
 
 from airflow_provider_mltrain.operators._manifests import PRIORITY_CLASS_LABEL, QUEUE_LABEL
-from tests.fixtures.crds import validate_custom_resource
 from tests.fixtures.example_dags import load_example_dag
 from tests.fixtures.gpu_operator import make_context
+from tests.fixtures.webhooks import admit
 
 
 def test_example_submits_a_two_node_kueue_jobset_then_gates_and_registers(airflow_db, airflow_conn):
@@ -16,7 +16,7 @@ def test_example_submits_a_two_node_kueue_jobset_then_gates_and_registers(airflo
 
     manifest = train.build_manifest(make_context(dag_id=dag.dag_id))
 
-    validate_custom_resource(manifest)
+    admit(manifest)
     assert manifest["kind"] == "JobSet"
     labels = manifest["metadata"]["labels"]
     assert labels[QUEUE_LABEL] == "team-a" and labels[PRIORITY_CLASS_LABEL] == "training-high"

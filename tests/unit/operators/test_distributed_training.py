@@ -1,7 +1,9 @@
 """DistributedTrainingOperator: parse-time checks and the JobSet / TrainJob manifests.
 
-Every manifest is validated strictly against the upstream CRD schema (``../shared/crds/``) and each node's
-pod against Kubernetes' own schema (kubernetes-validate). Nothing here trains or talks to a cluster.
+Every manifest goes through what the API server would run on its create (:func:`tests.fixtures.webhooks.admit`:
+the vendored upstream CRD's schema, strictly, and CEL rules, then JobSet's or Kubeflow Trainer's admission
+webhook) and each node's pod through Kubernetes' own schema (kubernetes-validate). Nothing here trains or
+talks to a cluster.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperat
 from gpu_trainer import contract
 from tests.fixtures.crds import validate_custom_resource
 from tests.fixtures.gpu_operator import IMAGE, RUN_ID, make_context
+from tests.fixtures.webhooks import admit
 
 RWX = {"claim_name": "team-checkpoints", "mount_path": "/checkpoints", "access_mode": "ReadWriteMany"}
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -64,7 +67,7 @@ def test_every_manifest_validates_against_its_crd_and_kubernetes(backend, num_no
     context = make_context(map_index=3)
     manifest = op.build_manifest(context)
 
-    validate_custom_resource(manifest)
+    admit(manifest)
     kubernetes_validate.validate(node_pod(op, context), kubernetes_validate.latest_version(), strict=True)
     # What dry_run prints is the same document.
     assert yaml.safe_load(yaml.safe_dump(manifest)) == manifest
@@ -131,10 +134,15 @@ def test_jobset_runs_indexed_nodes_with_torchrun_placement_from_the_environment(
     assert job["template"]["spec"]["restartPolicy"] == "Never"
 
 
-@pytest.mark.parametrize("task_id", ["1_train.Model", "__x__", "train"])
-def test_names_follow_the_trainjob_crds_name_rule(task_id):
-    """The TrainJob CRD's CEL rule (the JobSet's generated Job and pod names need the same)."""
-    name = make_op(task_id=task_id).build_manifest(make_context(task_id=task_id))["metadata"]["name"]
+@pytest.mark.parametrize("task_id", ["1_train.Model", "__x__", "train", "a_very_long_task_id_" + "x" * 200])
+@pytest.mark.parametrize("backend", manifests.BACKENDS)
+def test_names_pass_the_crds_name_rules_and_jobsets_name_lengths(task_id, backend):
+    """The TrainJob CRD's CEL rules and JobSet's webhook (its Job and pod names, at 16 nodes)."""
+    context = make_context(task_id=task_id)
+    op = make_op(task_id=task_id, backend=backend, num_nodes=16, checkpoint_uri="s3://b/c")
+    manifest = op.build_manifest(context)
+    admit(manifest)
+    name = manifest["metadata"]["name"]
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
 
 
@@ -250,7 +258,7 @@ def test_dry_run_prints_the_manifest_as_yaml(capsys):
     make_op(num_nodes=2, checkpoint_uri="s3://b/c", queue_name="team-a").dry_run()
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["kind"] == "JobSet"
-    validate_custom_resource(printed)
+    admit(printed)
 
 
 @pytest.mark.parametrize(
@@ -339,7 +347,7 @@ def test_users_pod_settings_are_merged_and_stay_valid(backend):
     )
     context = make_context()
     pod = node_pod(op, context)
-    validate_custom_resource(op.build_manifest(context))
+    admit(op.build_manifest(context))
     kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
 
     spec = pod["spec"]
@@ -358,7 +366,7 @@ def test_users_pod_settings_are_merged_and_stay_valid(backend):
 def test_termination_grace_period_reaches_every_node_pod(backend, grace):
     op = make_op(backend=backend, num_nodes=2, checkpoint_uri="s3://b/c", termination_grace_period=grace)
     manifest = op.build_manifest(make_context())
-    validate_custom_resource(manifest)
+    admit(manifest)
     if backend == "jobset":
         pod = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
     else:

@@ -200,7 +200,10 @@ class Cluster:
 
 
 def _jobset(name: str = "train-abc", *, suspend: bool = False, labels: dict[str, str] | None = None) -> dict:
-    spec: dict[str, Any] = {"replicatedJobs": [{"name": "node", "replicas": 1, "template": {}}]}
+    # A JobSet the CRD and JobSet's webhook admit (the emulator runs both on create).
+    pod_spec = {"containers": [{"name": "node", "image": "img"}], "restartPolicy": "Never"}
+    template = {"spec": {"template": {"spec": pod_spec}}}
+    spec: dict[str, Any] = {"replicatedJobs": [{"name": "node", "replicas": 1, "template": template}]}
     if suspend:
         spec["suspend"] = True
     return {

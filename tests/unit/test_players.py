@@ -1,0 +1,127 @@
+"""The JobSet and Trainer players write what the upstream controllers write, for the manifests the
+operators generate, read back through the real lifecycle over HTTP."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+from kubernetes.client import models as k8s
+
+from airflow_provider_mltrain.operators import _manifests as manifests
+from airflow_provider_mltrain.operators._training_job import (
+    JOBSET,
+    TrainingJobClient,
+    TrainingJobLifecycle,
+    WaitPolicy,
+)
+from airflow_provider_mltrain.operators._triage import GPUTrainingFailure
+from tests.fixtures.k8s_emulator import KubernetesEmulator
+from tests.fixtures.players import jobset as js_player
+from tests.fixtures.players.jobset import JobSetPlayer
+from tests.unit.operators.test_distributed_training_lifecycle import FAST, LINEAGE, RESULT, TRIAGE
+
+
+def _manifest(max_restarts: int = 0, nodes: int = 2) -> dict[str, Any]:
+    pod_spec = k8s.V1PodSpec(
+        containers=[k8s.V1Container(name=manifests.NODE_NAME, image="img")], restart_policy="Never"
+    )
+    return manifests.jobset(
+        name="train-abc",
+        namespace=None,
+        labels=manifests.task_labels(LINEAGE),
+        pod_labels={},
+        pod_spec=pod_spec,
+        num_nodes=nodes,
+        max_restarts=max_restarts,
+        suspend=False,
+    )
+
+
+def _lifecycle(**policy: Any) -> TrainingJobLifecycle:
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    client = TrainingJobClient(KubernetesHook(conn_id="kubernetes_default").get_conn(), JOBSET, "default")
+    return TrainingJobLifecycle(
+        client, WaitPolicy(**{**FAST, **policy}), TRIAGE, logging.getLogger("lifecycle")
+    )
+
+
+def _run(manifest: dict[str, Any], **policy: Any) -> dict[str, Any]:
+    lifecycle = _lifecycle(**policy)
+    name = lifecycle.start(manifest, manifests.task_labels(LINEAGE))
+    return lifecycle.conclude(lifecycle.wait(name))
+
+
+def test_preemption_restart_leaves_restarts_count_towards_max_absent(k8s_emulator: KubernetesEmulator):
+    player = JobSetPlayer(k8s_emulator)
+    player.script(
+        player.run, player.preempt(node=1), player.preempt(node=0), player.succeed(json.dumps(RESULT))
+    )
+
+    assert _run(_manifest(max_restarts=0), max_preemptions=5) == RESULT
+
+    # failure_policy.go: RestartJobSetAndIgnoreMaxRestarts never counts; restartsCountTowardsMax is omitempty.
+    restarted = [s for s in player.statuses if s["restarts"]]
+    assert restarted and all("restartsCountTowardsMax" not in s for s in restarted)
+    assert player.statuses[-1]["restarts"] == 2
+    restarting = [c for c in player.statuses[2]["conditions"] if c["type"] == "RestartingJobSet"]
+    assert restarting[0]["reason"] == f"FailurePolicy_{manifests.PREEMPTION_RULE_NAME}"
+    final = k8s_emulator.get("jobsets", "train-abc")["status"]
+    assert final["terminalState"] == "Completed"
+    assert {"type": "Completed", "status": "True", "reason": "AllJobsCompleted"}.items() <= {
+        k: v for c in final["conditions"] if c["type"] == "Completed" for k, v in c.items()
+    }.items()
+
+
+def test_pods_carry_the_jobset_and_job_labels(k8s_emulator: KubernetesEmulator):
+    k8s_emulator.create(_manifest())
+    player = JobSetPlayer(k8s_emulator)
+    player.script(player.run)
+    player.step(k8s_emulator.get("jobsets", "train-abc"))
+    pods = player.pods()
+    assert [p["metadata"]["labels"][js_player.COMPLETION_INDEX] for p in pods] == ["0", "1"]
+    labels = pods[0]["metadata"]["labels"]
+    assert labels[js_player.JOBSET_NAME] == "train-abc"
+    assert labels[js_player.REPLICATED_JOB_NAME] == "node"
+    assert labels[js_player.JOB_INDEX] == "0" and labels[js_player.RESTART_ATTEMPT] == "0"
+    assert len(labels[js_player.JOB_KEY]) == 40
+    assert pods[0]["metadata"]["ownerReferences"][0]["kind"] == "Job"
+    assert pods[0]["metadata"]["name"].startswith("train-abc-node-0-0-")
+
+
+def test_a_first_crash_with_max_restarts_0_is_reached_max_restarts(k8s_emulator: KubernetesEmulator):
+    player = JobSetPlayer(k8s_emulator)
+    player.script(player.run, player.crash(node=1, exit_code=1, log="Traceback: boom\n"))
+
+    with pytest.raises(GPUTrainingFailure):
+        _run(_manifest(max_restarts=0))
+
+    status = k8s_emulator.get("jobsets", "train-abc")["status"]
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    # The rule matches only PodFailurePolicy; a crash is BackoffLimitExceeded: the default RestartJobSet with
+    # restartsCountTowardsMax 0 >= maxRestarts 0 fails the set (failure_policy.go:226-233).
+    assert failed["reason"] == "ReachedMaxRestarts"
+    assert failed["message"] == (
+        "jobset failed due to reaching max number of restarts (first failed job: train-abc-node-0)"
+    )
+    assert status["restarts"] == 0 and "restartsCountTowardsMax" not in status
+    assert status["terminalState"] == "Failed"
+    job = k8s_emulator.get("jobs", "train-abc-node-0")
+    assert job["status"]["conditions"][0]["reason"] == "BackoffLimitExceeded"
+
+
+def test_a_preemption_fails_the_node_job_by_its_pod_failure_policy(k8s_emulator: KubernetesEmulator):
+    k8s_emulator.create(_manifest(max_restarts=1))
+    player = JobSetPlayer(k8s_emulator)
+    player.script(player.run, player.preempt(node=1))
+    js = k8s_emulator.get("jobsets", "train-abc")
+    player.step(js)
+    old = player.node_pod(1)["metadata"]["name"]
+    player.step(js)
+    status = k8s_emulator.get("jobsets", "train-abc")["status"]
+    assert status["restarts"] == 1 and "restartsCountTowardsMax" not in status
+    assert not k8s_emulator.exists("pods", old)  # the previous attempt's Jobs went in the foreground
+    assert {p["metadata"]["labels"][js_player.RESTART_ATTEMPT] for p in player.pods()} == {"1"}

@@ -21,6 +21,7 @@ from airflow_provider_mltrain.operators._triage import GPUTrainingFailure
 from tests.fixtures.k8s_emulator import KubernetesEmulator
 from tests.fixtures.players import jobset as js_player
 from tests.fixtures.players.jobset import JobSetPlayer
+from tests.fixtures.players.trainer import TrainerPlayer
 from tests.unit.operators.test_distributed_training_lifecycle import FAST, LINEAGE, RESULT, TRIAGE
 
 
@@ -125,3 +126,50 @@ def test_a_preemption_fails_the_node_job_by_its_pod_failure_policy(k8s_emulator:
     assert status["restarts"] == 1 and "restartsCountTowardsMax" not in status
     assert not k8s_emulator.exists("pods", old)  # the previous attempt's Jobs went in the foreground
     assert {p["metadata"]["labels"][js_player.RESTART_ATTEMPT] for p in player.pods()} == {"1"}
+
+
+def _trainjob(nodes: int = 2) -> dict[str, Any]:
+    container = k8s.V1Container(name=manifests.NODE_NAME, image="img", command=["python", "-m", "train"])
+    pod_spec = k8s.V1PodSpec(containers=[container], restart_policy="Never")
+    return manifests.trainjob(
+        name="train-abc",
+        namespace=None,
+        labels=manifests.task_labels(LINEAGE),
+        pod_labels={},
+        pod_spec=pod_spec,
+        container=container,
+        num_nodes=nodes,
+        nproc_per_node=1,
+        runtime_ref="torch-distributed",
+        runtime_kind="ClusterTrainingRuntime",
+        suspend=False,
+    )
+
+
+def test_trainjob_with_initializers_reports_the_trainer_leaders_result(k8s_emulator: KubernetesEmulator):
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    from airflow_provider_mltrain.operators._training_job import TRAINJOB
+
+    player = TrainerPlayer(k8s_emulator, initializers=("dataset-initializer", "model-initializer"))
+    player.script(player.jobset.run, player.jobset.succeed(json.dumps(RESULT), log="leader log\n"))
+    client = TrainingJobClient(KubernetesHook(conn_id="kubernetes_default").get_conn(), TRAINJOB, "default")
+    lifecycle = TrainingJobLifecycle(client, WaitPolicy(**FAST), TRIAGE, logging.getLogger("lifecycle"))
+    name = lifecycle.start(_trainjob(), manifests.task_labels(LINEAGE))
+
+    # Fails before the fix of issue 20's defect 5: the leader picked was an initializer's pod.
+    assert lifecycle.conclude(lifecycle.wait(name)) == RESULT
+
+    # The initializers' pods have job index 0 and completion index 0 too.
+    indexed = {
+        p["metadata"]["labels"][js_player.REPLICATED_JOB_NAME]
+        for p in k8s_emulator.list("pods")
+        if p["metadata"]["labels"][js_player.JOB_INDEX] == "0"
+        and p["metadata"]["labels"][js_player.COMPLETION_INDEX] == "0"
+    }
+    assert indexed == {"dataset-initializer", "model-initializer", "node"}
+    status = k8s_emulator.get("trainjobs", "train-abc")["status"]
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert (complete["reason"], complete["message"]) == ("AllJobsCompleted", "jobset completed successfully")
+    assert [j["name"] for j in status["jobsStatus"]] == ["dataset-initializer", "model-initializer", "node"]
+    assert k8s_emulator.get("jobsets", "train-abc")["metadata"]["ownerReferences"][0]["kind"] == "TrainJob"

@@ -57,6 +57,10 @@ NODE = NODE_NAME
 #: same name, so they serve both backends).
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
+REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
+#: JobSet's Failed reason once the counted restarts reach maxRestarts
+#: (kubernetes-sigs/jobset@08dfbdfd6827:pkg/constants/constants.go:51).
+REACHED_MAX_RESTARTS = "ReachedMaxRestarts"
 RESTART_ATTEMPT_LABEL = "jobset.sigs.k8s.io/restart-attempt"
 #: The node rank: a label on recent Kubernetes, an annotation always.
 COMPLETION_INDEX_KEY = COMPLETION_INDEX_ANNOTATION
@@ -179,6 +183,19 @@ def _completion_index(pod: Any) -> int:
         return 0
 
 
+def _replicated_job(pod: Any) -> str:
+    """The pod's replicated job: ``node`` for the trainer's nodes, else e.g. a TrainJob's ``dataset-initializer``.
+
+    A pod without the label (not made by JobSet) counts as a trainer node.
+    """
+    return _labels(pod).get(REPLICATED_JOB_LABEL, NODE)
+
+
+def node_pods(pods: Sequence[Any]) -> list[Any]:
+    """The trainer's node pods among ``pods`` (a TrainJob's initializer pods left out)."""
+    return [pod for pod in pods if _replicated_job(pod) == NODE]
+
+
 def current_pods(pods: Sequence[Any]) -> list[Any]:
     """The pods of the latest restart attempt, leader (node rank 0 of job 0) first."""
     attempts = [int(_labels(pod).get(RESTART_ATTEMPT_LABEL, "0") or 0) for pod in pods]
@@ -190,8 +207,15 @@ def current_pods(pods: Sequence[Any]) -> list[Any]:
 
 
 def leader_pod(pods: Sequence[Any]) -> Any | None:
-    """The global rank 0 pod of the latest attempt, or None when it does not exist (yet)."""
-    for pod in current_pods(pods):
+    """The global rank 0 pod of the latest attempt, or None when it does not exist (yet).
+
+    Only the trainer's ``node`` replicated job counts: a TrainJob's initializer pods (dataset, model) have
+    job index 0 and completion index 0 too: runtimes with initializers run ``dataset-initializer`` and
+    ``model-initializer`` replicated jobs of one pod each, and ``node`` ``dependsOn`` them
+    (kubeflow/trainer@8c0f5059bd51:manifests/base/runtimes/torchtune/llama3_2/llama3_2_1B.yaml:37-75;
+    the names: pkg/constants/constants.go:53).
+    """
+    for pod in node_pods(current_pods(pods)):
         if _completion_index(pod) == 0 and _labels(pod).get(JOB_INDEX_LABEL, "0") == "0":
             return pod
     return None
@@ -214,8 +238,11 @@ def observe(job: Mapping[str, Any], pods: Sequence[Any]) -> Observation:
     """
     status = job.get("status") or {}
     restarts = int(status.get("restarts") or 0)
-    # A JobSet older than restartsCountTowardsMax (v0.6) counts every restart.
-    counted = int(status.get("restartsCountTowardsMax", restarts) or 0)
+    # The field is `omitempty`: JobSet leaves it out while it is 0, so after two preemption restarts with
+    # maxRestarts 0 the status is {"restarts": 2} (kubernetes-sigs/jobset@08dfbdfd6827:
+    # api/jobset/v1alpha2/jobset_types.go:218; failure_policy.go:195-198 adds to it only for a restart that
+    # counts). Missing means 0: every JobSet that accepts our manifests' failurePolicy.rules (v0.6 on) has it.
+    counted = int(status.get("restartsCountTowardsMax") or 0)
     preemptions = max(0, restarts - counted)
     failed = _true_condition(job, "Failed")
     if failed is not None:
@@ -248,12 +275,17 @@ def _observe_running(job: Mapping[str, Any], pods: Sequence[Any], restarts: int)
             return Observation(
                 PULLING, f"{reason}: {message or 'no detail'}", restarts, pod.metadata.name, True
             )
+    nodes = node_pods(pods)
+    if not nodes:
+        # JobSet starts the trainer's nodes only after the initializers complete (the runtime's dependsOn).
+        initializers = sorted({_replicated_job(pod) for pod in pods})
+        return Observation(STARTING, f"initializers running: {', '.join(initializers)}", restarts)
     running = sum(
-        1 for pod in pods if pod.status is not None and pod.status.phase in ("Running", "Succeeded")
+        1 for pod in nodes if pod.status is not None and pod.status.phase in ("Running", "Succeeded")
     )
-    if running < len(pods):
-        return Observation(PULLING, f"{running} of {len(pods)} pods running", restarts)
-    return Observation(RUNNING, f"{len(pods)} pods", restarts)
+    if running < len(nodes):
+        return Observation(PULLING, f"{running} of {len(nodes)} pods running", restarts)
+    return Observation(RUNNING, f"{len(nodes)} pods", restarts)
 
 
 def observe_queued(
@@ -767,17 +799,32 @@ class TrainingJobLifecycle:
                 causes.append((pod, cause))
         # One rank's crash makes every other rank's collective time out: its own cause comes first.
         causes.sort(key=lambda found: is_collective_failure(found[1]))
-        text = f"{what} failed ({message})"
         max_restarts = self.policy.max_restarts
-        if "MaxRestarts" in message or (max_restarts and restarts >= max_restarts):
-            text += (
-                f"\nRestarts exhausted: {restarts} of max_restarts={max_restarts} used, each resumed from the "
-                "checkpoint and failed again. Likely fix: the cause below repeats on every restart; fix it, or "
-                "raise max_restarts= when the failures are transient (preemptions, node faults)."
+        if restarts > 0 and (REACHED_MAX_RESTARTS in message or restarts >= max_restarts):
+            text = (
+                f"{what} failed ({message})\nRestarts exhausted: {restarts} of max_restarts={max_restarts} "
+                "used, each resumed from the checkpoint and failed again. Likely fix: the cause below repeats "
+                "on every restart; fix it, or raise max_restarts= when the failures are transient "
+                "(preemptions, node faults)."
             )
+        elif REACHED_MAX_RESTARTS in message:
+            # JobSet says ReachedMaxRestarts for any failure once restartsCountTowardsMax >= maxRestarts
+            # (kubernetes-sigs/jobset@08dfbdfd6827:pkg/controllers/failure_policy.go:226-231), so with
+            # maxRestarts 0 a first-attempt crash reads "reaching max number of restarts": none happened.
+            text = (
+                f"{what} failed on its first attempt, with no restart: max_restarts={max_restarts} allows "
+                f"none ({message})"
+            )
+        else:
+            text = f"{what} failed ({message})"
         if causes:
             pod, cause = causes[0]
-            text += f"\nNode {_completion_index(pod)} (pod {pod.metadata.name}): {cause}"
+            where = (
+                f"Node {_completion_index(pod)}"
+                if _replicated_job(pod) == NODE
+                else f"Replicated job {_replicated_job(pod)}"
+            )
+            text += f"\n{where} (pod {pod.metadata.name}): {cause}"
         return text
 
     def _tail(self, pod: Any) -> list[str]:

@@ -126,23 +126,15 @@ class Cluster:
             if self.emu.exists("pods", self.pod_name(job, node)):
                 self.emu.delete("pods", self.pod_name(job, node))
         self.attempt += 1
-        status = job.get("status") or {}
-        restarts = int(status.get("restarts") or 0)
-        counted = int(status.get("restartsCountTowardsMax", restarts) or 0)
-        self.emu.patch(
-            self.plural,
-            job["metadata"]["name"],
-            {"status": {"restarts": restarts + 1, "restartsCountTowardsMax": counted + 1}},
-        )
+        restarts, counted = self._restarts(job)
+        self._set_restarts(job, restarts + 1, counted + 1)
         self.pods()(job)
 
     def preempt(self, job: dict[str, Any]) -> None:
         """Node 1 is evicted (DisruptionTarget): its Job fails with reason PodFailurePolicy and the
         manifest's rule restarts the set with RestartJobSetAndIgnoreMaxRestarts (restarts + 1, the count
         toward maxRestarts unchanged)."""
-        status = job.get("status") or {}
-        restarts = int(status.get("restarts") or 0)
-        counted = int(status.get("restartsCountTowardsMax", restarts) or 0)
+        restarts, counted = self._restarts(job)
         self.pods(
             phase="Failed",
             state={"terminated": {"exitCode": contract.PREEMPTED_EXIT_CODE, "reason": "Error"}},
@@ -152,12 +144,23 @@ class Cluster:
         for node in range(self.nodes):
             self.emu.delete("pods", self.pod_name(job, node))
         self.attempt += 1
+        self._set_restarts(job, restarts + 1, counted)
+        self.pods()(job)
+
+    @staticmethod
+    def _restarts(job: dict[str, Any]) -> tuple[int, int]:
+        status = job.get("status") or {}
+        return int(status.get("restarts") or 0), int(status.get("restartsCountTowardsMax") or 0)
+
+    def _set_restarts(self, job: dict[str, Any], restarts: int, counted: int) -> None:
+        """As JobSet serializes them: ``restarts`` always, ``restartsCountTowardsMax`` (omitempty) only when
+        non-zero (kubernetes-sigs/jobset@08dfbdfd6827:api/jobset/v1alpha2/jobset_types.go:213-218); a
+        merge patch's null removes it."""
         self.emu.patch(
             self.plural,
             job["metadata"]["name"],
-            {"status": {"restarts": restarts + 1, "restartsCountTowardsMax": counted}},
+            {"status": {"restarts": restarts, "restartsCountTowardsMax": counted or None}},
         )
-        self.pods()(job)
 
     def finish(self, message: str, log: str = "epoch 3 done\n", condition: str = "Completed"):
         def step(job: dict[str, Any]) -> None:
@@ -280,7 +283,8 @@ def test_failure_names_the_node_and_cause_and_restarts_exhausted(k8s_emulator):
     )
     cluster.attempt = 2
     k8s_emulator.create(_jobset())
-    k8s_emulator.patch("jobsets", "train-abc", {"status": {"restarts": 2}})
+    # Two counted restarts, as JobSet writes them (restartsCountTowardsMax is present once non-zero).
+    k8s_emulator.patch("jobsets", "train-abc", {"status": {"restarts": 2, "restartsCountTowardsMax": 2}})
 
     lifecycle = _lifecycle(max_restarts=2)
     with pytest.raises(GPUTrainingFailure) as failure:
@@ -698,7 +702,7 @@ def test_trigger_enforces_max_preemptions_too(k8s_emulator, caplog, capfd):
 def test_a_reattached_jobsets_earlier_preemptions_are_not_this_trys(k8s_emulator, caplog):
     """A retry that re-attaches to a JobSet preempted twice in an earlier try has its own max_preemptions."""
     running = _jobset()
-    running["status"] = {"restarts": 2, "restartsCountTowardsMax": 0}
+    running["status"] = {"restarts": 2}  # two preemptions: restartsCountTowardsMax 0 is omitted
     k8s_emulator.create(running)
     cluster = Cluster(k8s_emulator)
     cluster.attempt = 2
@@ -731,7 +735,8 @@ def test_dag_run_survives_preemptions_with_max_restarts_0_on_try_1(airflow_db, k
     assert (ti.state, ti.try_number) == ("success", 1)
     assert xcom_value(dag_run, "train") == RESULT
     [jobset] = k8s_emulator.list("jobsets")
-    assert (jobset["status"]["restarts"], jobset["status"]["restartsCountTowardsMax"]) == (2, 0)
+    # As JobSet writes it: restartsCountTowardsMax 0 is omitted.
+    assert (jobset["status"]["restarts"], "restartsCountTowardsMax" in jobset["status"]) == (2, False)
     assert k8s_emulator.count("POST", "/jobsets") == 1  # restarted in place, never recreated
     # What makes the JobSet controller restart without counting: the rule on the Job's PodFailurePolicy.
     [rule] = jobset["spec"]["failurePolicy"]["rules"]
@@ -757,3 +762,109 @@ def test_dag_run_fails_try_1_once_max_preemptions_is_spent(airflow_db, k8s_emula
     assert "2 times in this try: max_preemptions=1 is spent" in log
     assert [d[3] for d in k8s_emulator.deletions if d[0] == "jobsets"] == ["Foreground"]
     assert k8s_emulator.list("jobsets") == []
+
+
+# -- upstream-shaped status (issue 20) ----------------------------------------------------------------
+
+
+def test_preemptions_with_max_restarts_0_are_counted_from_a_status_without_restarts_count_towards_max(
+    k8s_emulator, caplog
+):
+    """JobSet omits restartsCountTowardsMax while it is 0: {"restarts": 2} is two preemptions, not two
+    counted restarts, so max_preemptions applies and the log never says "restart 2 of 0"."""
+    cluster = Cluster(k8s_emulator)
+    cluster.script(cluster.pods(), cluster.preempt, cluster.preempt, *[cluster.wait] * 50)
+    caplog.set_level(logging.INFO, logger="lifecycle")
+
+    with pytest.raises(GPUTrainingFailure, match="2 times in this try: max_preemptions=1 is spent"):
+        _run(_lifecycle(max_restarts=0, max_preemptions=1), _jobset())
+
+    assert [d for d in k8s_emulator.deletions if d[0] == "jobsets"] == [
+        ("jobsets", "default", "train-abc", "Foreground")
+    ]
+    assert "node set preempted; restart 1, 1 of 1 preemptions" in caplog.text
+    assert "of 0:" not in caplog.text and "restart 2 of 0" not in caplog.text
+
+
+def _initializer_pod(job: dict[str, Any], replicated_job: str, phase: str) -> dict[str, Any]:
+    """A TrainJob initializer's pod as JobSet labels it: job index 0 and completion index 0, like node 0."""
+    index = {manifests.COMPLETION_INDEX_ANNOTATION: "0"}
+    terminated = {"terminated": {"exitCode": 0, "reason": "Completed", "message": "dataset ready"}}
+    return pod_object(
+        f"{job['metadata']['name']}-{replicated_job}-0-0",
+        labels={
+            "jobset.sigs.k8s.io/jobset-name": job["metadata"]["name"],
+            "jobset.sigs.k8s.io/replicatedjob-name": replicated_job,
+            "jobset.sigs.k8s.io/job-index": "0",
+            "jobset.sigs.k8s.io/restart-attempt": "0",
+            **index,
+        },
+        annotations=index,
+        owner=job,
+        phase=phase,
+        container=replicated_job,
+        state=terminated if phase == "Succeeded" else {"running": {}},
+    )
+
+
+def test_a_trainjob_with_initializers_reads_the_result_from_the_trainers_node_0(k8s_emulator, caplog):
+    """The initializer pods have job index 0 and completion index 0 too: the leader is picked by the
+    trainer's replicated job (label jobset.sigs.k8s.io/replicatedjob-name=node), and while only the
+    initializers run the log says so instead of counting their pods as nodes."""
+    trainjob = k8s_emulator.create(
+        {
+            "apiVersion": "trainer.kubeflow.org/v1alpha1",
+            "kind": "TrainJob",
+            "metadata": {"name": "train-abc", "labels": manifests.task_labels(LINEAGE)},
+            "spec": {"runtimeRef": {"name": "torch-distributed"}},
+        }
+    )
+    # Sorted by name, the initializers' pods come before the node pods in every list the API returns.
+    for initializer in ("dataset-initializer", "model-initializer"):
+        k8s_emulator.create(_initializer_pod(trainjob, initializer, "Running"))
+
+    def initializers_done(job: dict[str, Any]) -> None:
+        for initializer in ("dataset-initializer", "model-initializer"):
+            k8s_emulator.delete("pods", f"train-abc-{initializer}-0-0")
+            k8s_emulator.create(_initializer_pod(job, initializer, "Succeeded"))
+
+    cluster = Cluster(k8s_emulator, plural="trainjobs")
+    cluster.script(
+        cluster.wait,
+        initializers_done,
+        cluster.pods(),
+        cluster.finish(json.dumps(RESULT), condition="Complete"),
+    )
+    caplog.set_level(logging.INFO, logger="lifecycle")
+    lifecycle = _lifecycle(TRAINJOB)
+
+    assert lifecycle.conclude(lifecycle.wait("train-abc")) == RESULT
+    assert "initializers running: dataset-initializer, model-initializer" in caplog.text
+    assert "Leader pod train-abc-node-0-0-a0" in caplog.text
+
+
+def test_a_first_attempt_crash_with_max_restarts_0_claims_no_restarts(k8s_emulator):
+    """With maxRestarts 0 JobSet fails any non-preemption failure with ReachedMaxRestarts (failure_policy.go
+    :226-231): the task's error says the node and the cause, and that no restart happened."""
+    cluster = Cluster(k8s_emulator)
+    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    cluster.script(
+        cluster.pods(),
+        cluster.fail(
+            "ReachedMaxRestarts",
+            # constants.go:52 and messageWithFirstFailedJob (failure_policy.go:469-471).
+            "jobset failed due to reaching max number of restarts (first failed job: train-abc-node-0)",
+            states={1: oom},
+            logs={0: "[Rank 0] Watchdog caught collective operation timeout\n", 1: "step 3\n"},
+        ),
+    )
+    k8s_emulator.create(_jobset())
+    lifecycle = _lifecycle(max_restarts=0)
+
+    with pytest.raises(GPUTrainingFailure) as failure:
+        lifecycle.conclude(lifecycle.wait("train-abc"))
+
+    message = str(failure.value)
+    assert "JobSet train-abc failed on its first attempt, with no restart: max_restarts=0" in message
+    assert "Restarts exhausted" not in message
+    assert "Node 1 (pod train-abc-node-0-1-a0): Training container was OOMKilled" in message

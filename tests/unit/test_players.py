@@ -173,3 +173,65 @@ def test_trainjob_with_initializers_reports_the_trainer_leaders_result(k8s_emula
     assert (complete["reason"], complete["message"]) == ("AllJobsCompleted", "jobset completed successfully")
     assert [j["name"] for j in status["jobsStatus"]] == ["dataset-initializer", "model-initializer", "node"]
     assert k8s_emulator.get("jobsets", "train-abc")["metadata"]["ownerReferences"][0]["kind"] == "TrainJob"
+
+
+# -- the lifecycle against the players (issue 20: status as the upstream controllers write it) ----------
+
+
+def test_admission_pulling_running_a_counted_restart_and_the_result(k8s_emulator: KubernetesEmulator, caplog):
+    player = JobSetPlayer(k8s_emulator)
+    player.script(
+        player.wait,
+        player.admit,
+        player.pending(),
+        player.run,
+        player.crash(node=1, exit_code=1, log="Traceback: CUDA error\n"),
+        player.succeed(json.dumps(RESULT), log="leader: epoch 3 val_accuracy 0.93\n"),
+    )
+    queued = _manifest(max_restarts=2)
+    queued["spec"]["suspend"] = True
+    queued["metadata"]["labels"][manifests.QUEUE_LABEL] = "team-a"
+    caplog.set_level(logging.INFO, logger="lifecycle")
+
+    assert _run(queued, max_restarts=2) == RESULT
+
+    log = caplog.text
+    states = [
+        "waiting for admission (Kueue queue 'team-a')",
+        "pulling image (0 of 2 pods running)",
+        "running (2 pods)",
+    ]
+    positions = [log.index(f"JobSet train-abc: {state}") for state in states]
+    assert positions == sorted(positions)
+    assert "restart 1 of 2" in log and "JobSet train-abc: finished" in log
+    assert "leader: epoch 3 val_accuracy 0.93" in log
+    suspended = [c for c in player.statuses[0]["conditions"] if c["type"] == "Suspended"]
+    assert (suspended[0]["status"], suspended[0]["reason"]) == ("True", "SuspendedJobs")
+    final = k8s_emulator.get("jobsets", "train-abc")["status"]
+    assert (final["restarts"], final["restartsCountTowardsMax"]) == (1, 1)
+
+
+def test_max_preemptions_holds_with_max_restarts_0(k8s_emulator: KubernetesEmulator):
+    """Issue 20, defect 2: JobSet leaves restartsCountTowardsMax out while it is 0, so two preemptions read
+    {"restarts": 2}; they are preemptions, and max_preemptions=1 ends the try."""
+    player = JobSetPlayer(k8s_emulator)
+    player.script(player.run, player.preempt(node=1), player.preempt(node=0), *[player.wait] * 50)
+
+    with pytest.raises(GPUTrainingFailure, match="max_preemptions=1 is spent"):
+        _run(_manifest(max_restarts=0), max_preemptions=1)
+
+
+def test_a_first_attempt_crash_says_the_node_and_cause_not_restarts(k8s_emulator: KubernetesEmulator):
+    """Issue 20, defect 6: with maxRestarts 0 a first crash is ReachedMaxRestarts; no restart happened."""
+    player = JobSetPlayer(k8s_emulator)
+    oom = {"exitCode": 137, "reason": "OOMKilled"}
+    player.script(
+        player.run, player.crash(node=1, exit_code=oom["exitCode"], reason=oom["reason"], log="step 3\n")
+    )
+
+    with pytest.raises(GPUTrainingFailure) as failure:
+        _run(_manifest(max_restarts=0))
+
+    message = str(failure.value)
+    assert "Restarts exhausted" not in message
+    assert "Node 1 (pod train-abc-node-0-1-" in message and "OOMKilled" in message

@@ -215,7 +215,12 @@ def test_max_preemptions_holds_with_max_restarts_0(k8s_emulator: KubernetesEmula
     """Issue 20, defect 2: JobSet leaves restartsCountTowardsMax out while it is 0, so two preemptions read
     {"restarts": 2}; they are preemptions, and max_preemptions=1 ends the try."""
     player = JobSetPlayer(k8s_emulator)
-    player.script(player.run, player.preempt(node=1), player.preempt(node=0), *[player.wait] * 50)
+    # The set completes in the end: code that does not count the preemptions returns the result (the
+    # test fails) rather than polling for ever.
+    waits = [player.wait] * 20
+    player.script(
+        player.run, player.preempt(node=1), player.preempt(node=0), *waits, player.succeed(json.dumps(RESULT))
+    )
 
     with pytest.raises(GPUTrainingFailure, match="max_preemptions=1 is spent"):
         _run(_manifest(max_restarts=0), max_preemptions=1)

@@ -58,6 +58,15 @@ class Cluster:
     :param plural: ``jobsets`` or ``trainjobs`` (a TrainJob's pods carry the JobSet labels too: Kubeflow
         Trainer runs it as a JobSet of the same name).
     :param nodes: pods per attempt.
+
+    The scripted shortcut of :class:`tests.fixtures.players.jobset.JobSetPlayer` (which plays the Jobs,
+    the failure policy and the conditions as upstream does; ``tests/unit/test_players.py`` runs the
+    lifecycle against it). What this class still does that the JobSet controller does not: the pods are
+    owned by the set itself (no child Jobs), named ``<set>-node-0-<node>-a<attempt>`` (upstream
+    ``<job>-<index>-<random>``), recreated on each step, without the ``job-key``/``jobset-uid`` labels;
+    a restart writes no ``RestartingJobSet`` condition and no ``replicatedJobsStatus``; ``fail`` takes
+    any reason (the operators' manifests always have a failurePolicy, so ``FailedJobs`` never happens
+    for them upstream).
     """
 
     def __init__(self, emulator: KubernetesEmulator, plural: str = "jobsets", nodes: int = 2) -> None:
@@ -162,6 +171,19 @@ class Cluster:
             {"status": {"restarts": restarts, "restartsCountTowardsMax": counted or None}},
         )
 
+    def _terminal(self, condition: str, reason: str, message: str) -> dict[str, Any]:
+        """A finished set's status as JobSet writes it: the condition with its message, ``terminalState``
+        (setJobSetCompletedCondition / setJobSetFailedCondition, kubernetes-sigs/jobset@08dfbdfd6827:
+        pkg/controllers/jobset_controller.go:1274-1280, pkg/controllers/failure_policy.go:417-423); a
+        TrainJob has no terminalState (kubeflow/trainer@8c0f5059bd51:pkg/apis/trainer/v1alpha1/
+        trainjob_types.go:506-525) and copies the condition (plugins/jobset/jobset.go:462-469)."""
+        status: dict[str, Any] = {
+            "conditions": [{"type": condition, "status": "True", "reason": reason, "message": message}]
+        }
+        if self.plural == "jobsets":
+            status["terminalState"] = "Completed" if condition == "Completed" else "Failed"
+        return status
+
     def finish(self, message: str, log: str = "epoch 3 done\n", condition: str = "Completed"):
         def step(job: dict[str, Any]) -> None:
             done = {"terminated": {"exitCode": 0, "reason": "Completed", "message": message}}
@@ -172,11 +194,7 @@ class Cluster:
             self.emu.patch(
                 self.plural,
                 job["metadata"]["name"],
-                {
-                    "status": {
-                        "conditions": [{"type": condition, "status": "True", "reason": "AllJobsCompleted"}]
-                    }
-                },
+                {"status": self._terminal(condition, "AllJobsCompleted", "jobset completed successfully")},
             )
 
         return step
@@ -190,13 +208,7 @@ class Cluster:
             self.emu.patch(
                 self.plural,
                 job["metadata"]["name"],
-                {
-                    "status": {
-                        "conditions": [
-                            {"type": "Failed", "status": "True", "reason": reason, "message": message}
-                        ]
-                    }
-                },
+                {"status": self._terminal("Failed", reason, message)},
             )
 
         return step

@@ -414,11 +414,13 @@ def _start_tracking(
         retry_seconds=tracking_retry_seconds(env),
     )
     progress.run_id = tracker.run_id
-    tracker.log_params(
-        {**cfg.params(), "precision": precision, "device": device.type, "world_size": info.world_size}
+    resumed = (
+        {} if progress.resumed_from is None else {"mltrain.resumed_from_epoch": str(progress.resumed_from)}
     )
-    if progress.resumed_from is not None:
-        tracker.set_tag("mltrain.resumed_from_epoch", str(progress.resumed_from))
+    tracker.log_params(
+        {**cfg.params(), "precision": precision, "device": device.type, "world_size": info.world_size},
+        tags=resumed,
+    )
     return tracker
 
 

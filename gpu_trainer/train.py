@@ -53,6 +53,12 @@ class TrainOutcome:
 
 
 def _make_optimizer(cfg: TrainConfig, params: Any, device: torch.device) -> torch.optim.Optimizer:
+    # Building any torch.optim optimizer imports torch._dynamo (about a second, the whole "model +
+    # optimizer build" phase of tests/benchmarks/bench_trainer_phases.py, the plain loop's too): in torch
+    # 2.13 Optimizer.__init__ calls add_param_group, which torch._disable_dynamo wraps, and that wrapper
+    # imports torch._dynamo on its first call (torch/_compile.py); step() imports it as well
+    # (_use_grad_for_differentiable). foreach/fused change neither. It is not avoidable here: the model is
+    # logged in MLflow's pt2 format, and torch.export needs torch._dynamo anyway.
     # Fused kernels update all parameters in one launch on CUDA; CPU keeps the default (foreach) path.
     fused = True if device.type == "cuda" else None
     if cfg.optimizer == "adamw":

@@ -108,8 +108,13 @@ class Tracker:
         self._unreachable_since: float | None = None
         from mlflow.exceptions import MlflowException
 
+        tags = contract.lineage_tags(lineage)
+        tags["mltrain.trainer"] = "gpu_trainer"
         try:
-            run = self._start(experiment, run_name, resume_run_id)
+            # The tags go with the run's creation (or, resuming, MLflow's one batch call for them) instead
+            # of a set_tags call of their own: one tracking round trip less per trainer process
+            # (tests/benchmarks/bench_trainer_phases.py, "MLflow run start").
+            run = self._start(experiment, run_name, resume_run_id, tags)
         except MlflowException as err:
             # Nothing trained yet, so nothing is lost: fail in one line (bounded by the HTTP limits above)
             # rather than train a run whose metrics have nowhere to go.
@@ -119,35 +124,54 @@ class Tracker:
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
         self.resumed = run.info.run_id == resume_run_id
-        tags = contract.lineage_tags(lineage)
-        tags["mltrain.trainer"] = "gpu_trainer"
-        mlflow.set_tags(tags)
+        # The run as it started (its params among them): a resumed run's params are read from it rather
+        # than fetched again.
+        self._started_params: dict[str, str] = dict(run.data.params) if self.resumed else {}
 
-    def _start(self, experiment: str, run_name: str | None, resume_run_id: str | None) -> Any:
+    def _start(
+        self, experiment: str, run_name: str | None, resume_run_id: str | None, tags: Mapping[str, str]
+    ) -> Any:
         self._mlflow.set_experiment(experiment)
         if resume_run_id:
             try:
-                run = self._mlflow.start_run(run_id=resume_run_id)
+                run = self._mlflow.start_run(run_id=resume_run_id, tags=dict(tags))
                 log.info("continuing MLflow run %s", resume_run_id)
                 return run
             except Exception as err:  # deleted run or a different tracking server: keep training, say so
                 log.warning("cannot continue MLflow run %s (%s); starting a new run", resume_run_id, err)
-        return self._mlflow.start_run(run_name=run_name)
+        return self._mlflow.start_run(run_name=run_name, tags=dict(tags))
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params once; a resumed run keeps those it has (MLflow params are immutable) and adds new ones."""
-        existing = self._mlflow.get_run(self.run_id).data.params if self.resumed else {}
+    def log_params(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
+        """Log params once; a resumed run keeps those it has (MLflow params are immutable) and adds new ones.
+
+        :param params: name -> value (None is logged as an empty string).
+        :param tags: more tags to set in the same call.
+        """
+        from mlflow.entities import Param, RunTag
+
+        existing = self._started_params
         fresh = {
             key: ("" if value is None else value) for key, value in params.items() if key not in existing
         }
         changed = {
             key: value for key, value in params.items() if key in existing and str(value) != existing[key]
         }
-        if fresh:
-            self._mlflow.log_params(fresh)
-        if changed:
-            # e.g. epochs grown on resume: params cannot be overwritten, so record the new value as a tag.
-            self._mlflow.set_tags({f"mltrain.resumed.{key}": str(value) for key, value in changed.items()})
+        # e.g. epochs grown on resume: params cannot be overwritten, so record the new value as a tag.
+        all_tags = {f"mltrain.resumed.{key}": str(value) for key, value in changed.items()}
+        all_tags.update(tags or {})
+        if fresh or all_tags:
+            # One log_batch for params and tags, not a call for each kind (bench_trainer_phases.py).
+            self._client().log_batch(
+                self.run_id,
+                params=[Param(key, str(value)) for key, value in fresh.items()],
+                tags=[RunTag(key, str(value)) for key, value in all_tags.items()],
+                synchronous=True,
+            )
+
+    def _client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue one row of metrics and deliver what is queued; never raises for an unreachable server.
@@ -227,14 +251,13 @@ class Tracker:
 
     def _send(self, rows: Sequence[Mapping[str, Any]]) -> None:
         from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
 
         metrics = [
             Metric(key=name, value=float(value), timestamp=int(row["timestamp"]), step=int(row["step"]))
             for row in rows
             for name, value in row["metrics"].items()
         ]
-        client = MlflowClient()
+        client = self._client()
         for start in range(0, len(metrics), _BATCH_METRICS):
             client.log_batch(self.run_id, metrics=metrics[start : start + _BATCH_METRICS], synchronous=True)
 
@@ -291,13 +314,14 @@ class Tracker:
         # The model is exported (torch.export) on the CPU, so it loads on any machine. MLflow validates the
         # input example by loading it on its default device, CUDA when present, where a CPU export cannot
         # go: point that check at the CPU for the duration of the call.
-        with _environ(MLFLOW_DEFAULT_PREDICTION_DEVICE="cpu"):
+        requirements = model_pip_requirements()
+        with _environ(MLFLOW_DEFAULT_PREDICTION_DEVICE="cpu"), _known_packages(requirements):
             mlflow.pytorch.log_model(
                 model,
                 name="model",
                 signature=infer_signature(inputs, outputs),
                 input_example=inputs,
-                pip_requirements=model_pip_requirements(),
+                pip_requirements=requirements,
             )
         return f"runs:/{self.run_id}/model"
 
@@ -322,6 +346,38 @@ def model_pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{package}=={version(package).split('+', 1)[0]}" for package in ("torch", "cloudpickle")]
+
+
+@contextlib.contextmanager
+def _known_packages(requirements: Sequence[str]) -> Iterator[None]:
+    """Spare ``log_model`` MLflow's scan of every installed distribution's files.
+
+    Even with explicit requirements, MLflow checks each against the environment (twice: when it writes
+    them and when it loads the model back to validate the input example), and to do so builds a map of
+    every importable module to its distribution (``importlib_metadata.packages_distributions()``): about
+    a second on a small environment, the largest part of model logging after the export
+    (tests/benchmarks/bench_trainer_phases.py, "model logging"). That map only serves to find a
+    module's ``__version__`` when a distribution has no metadata; our requirements name distributions
+    that have it, so the map is seeded with them for the call (the check itself still runs, by
+    ``importlib.metadata.version``), then reset so a later caller in the process scans as before.
+
+    :param requirements: the model's pip requirements (``name==version``).
+    """
+    try:
+        from mlflow.utils import requirements_utils
+    except ImportError:  # pragma: no cover - MLflow without the module: nothing to seed
+        yield
+        return
+    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", ()) is not None:
+        yield  # already built in this process (or another MLflow layout): leave it alone
+        return
+    names = ["mlflow", *(req.split("==", 1)[0] for req in requirements)]
+    seeded: Any = {name: [name] for name in names}
+    requirements_utils._MODULES_TO_PACKAGES = seeded
+    try:
+        yield
+    finally:
+        requirements_utils._MODULES_TO_PACKAGES = None
 
 
 @contextlib.contextmanager

@@ -53,6 +53,12 @@ class TrainOutcome:
 
 
 def _make_optimizer(cfg: TrainConfig, params: Any, device: torch.device) -> torch.optim.Optimizer:
+    # Building any torch.optim optimizer imports torch._dynamo (about a second, the whole "model +
+    # optimizer build" phase of tests/benchmarks/bench_trainer_phases.py, the plain loop's too): in torch
+    # 2.13 Optimizer.__init__ calls add_param_group, which torch._disable_dynamo wraps, and that wrapper
+    # imports torch._dynamo on its first call (torch/_compile.py); step() imports it as well
+    # (_use_grad_for_differentiable). foreach/fused change neither. It is not avoidable here: the model is
+    # logged in MLflow's pt2 format, and torch.export needs torch._dynamo anyway.
     # Fused kernels update all parameters in one launch on CUDA; CPU keeps the default (foreach) path.
     fused = True if device.type == "cuda" else None
     if cfg.optimizer == "adamw":
@@ -414,11 +420,13 @@ def _start_tracking(
         retry_seconds=tracking_retry_seconds(env),
     )
     progress.run_id = tracker.run_id
-    tracker.log_params(
-        {**cfg.params(), "precision": precision, "device": device.type, "world_size": info.world_size}
+    resumed = (
+        {} if progress.resumed_from is None else {"mltrain.resumed_from_epoch": str(progress.resumed_from)}
     )
-    if progress.resumed_from is not None:
-        tracker.set_tag("mltrain.resumed_from_epoch", str(progress.resumed_from))
+    tracker.log_params(
+        {**cfg.params(), "precision": precision, "device": device.type, "world_size": info.world_size},
+        tags=resumed,
+    )
     return tracker
 
 

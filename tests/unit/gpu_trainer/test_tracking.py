@@ -6,6 +6,8 @@ tests/integration/gpu_trainer/test_tracking_outage.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gpu_trainer.errors import TrainerError
@@ -40,3 +42,50 @@ def test_retry_interval_from_the_environment():
 def test_bad_retry_interval_is_a_clear_error(raw):
     with pytest.raises(TrainerError, match=rf"MLTRAIN_TRACKING_RETRY_SECONDS='{raw}': expected seconds >= 0"):
         tracking_retry_seconds({"MLTRAIN_TRACKING_RETRY_SECONDS": raw})
+
+
+def test_model_logging_skips_the_installed_package_scan_and_the_model_still_loads(tmp_path, monkeypatch):
+    """MLflow's requirement check maps every installed module to its distribution (about a second per
+    trainer process, tests/benchmarks/bench_trainer_phases.py); log_model must not build that map, and
+    the logged model must still load and score as the trained one does."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.utils import requirements_utils
+
+    from gpu_trainer.models import build_model
+    from gpu_trainer.tracking import Tracker, model_pip_requirements
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    scans: list[int] = []
+    real_scan = requirements_utils.importlib_metadata.packages_distributions
+    monkeypatch.setattr(
+        requirements_utils.importlib_metadata,
+        "packages_distributions",
+        lambda: scans.append(1) or real_scan(),
+    )
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    tracker = Tracker(
+        experiment="scan", run_name="r", resume_run_id=None, lineage={"dag_id": "d", "task_id": "t"}
+    )
+    tracker.log_params({"lr": 0.1, "note": None}, tags={"mltrain.extra": "x"})
+    torch.manual_seed(0)
+    model = build_model("mlp", 8, 3, 16).eval()
+    example = torch.randn(5, 8)
+    uri = tracker.log_model(model, example)
+    tracker.end()
+
+    assert scans == []
+    assert requirements_utils._MODULES_TO_PACKAGES is None  # reset: a later caller scans as before
+    run = mlflow.get_run(tracker.run_id)
+    assert run.data.params == {"lr": "0.1", "note": ""}
+    assert run.data.tags["mltrain.extra"] == "x"
+    assert run.data.tags["mltrain.trainer"] == "gpu_trainer"
+    assert run.data.tags["airflow.dag_id"] == "d"
+    loaded = mlflow.pytorch.load_model(uri)
+    with torch.no_grad():
+        assert torch.allclose(loaded(example), model(example), atol=1e-6)
+    logged = mlflow.pyfunc.get_model_dependencies(uri)
+    pins = Path(logged).read_text().split()
+    assert set(model_pip_requirements()) <= set(pins)

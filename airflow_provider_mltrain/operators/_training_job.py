@@ -404,7 +404,8 @@ class Progress:
                     f"{'unlimited' if limit is None else limit} preemptions (not counted toward "
                     f"max_restarts={self.policy.max_restarts}): every node resumes from the shared checkpoint"
                 )
-        elif obs.restarts:
+        elif obs.restarts > obs.preemptions:
+            # Only restarts counted toward max_restarts are "k of N"; the preemption restarts were logged above.
             line += (
                 f"; restart {obs.restarts - obs.preemptions} of {self.policy.max_restarts}"
                 + (f" (and {obs.preemptions} after preemptions)" if obs.preemptions else "")

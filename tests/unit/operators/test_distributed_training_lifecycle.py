@@ -795,7 +795,7 @@ def test_preemptions_with_max_restarts_0_are_counted_from_a_status_without_resta
         ("jobsets", "default", "train-abc", "Foreground")
     ]
     assert "node set preempted; restart 1, 1 of 1 preemptions" in caplog.text
-    assert "of 0:" not in caplog.text and "restart 2 of 0" not in caplog.text
+    assert "restart 2 of 0" not in caplog.text and "restart 0 of 0" not in caplog.text
 
 
 def _initializer_pod(job: dict[str, Any], replicated_job: str, phase: str) -> dict[str, Any]:

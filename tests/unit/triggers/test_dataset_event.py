@@ -43,12 +43,15 @@ async def _events(trigger: DatasetEventTrigger, count: int, timeout: float = 15)
     """The first ``count`` events of the trigger's run()."""
     found: list[dict[str, Any]] = []
     gen = trigger.run()
+
+    async def collect() -> None:
+        async for event in gen:
+            found.append(event.payload)
+            if len(found) == count:
+                return
+
     try:
-        async with asyncio.timeout(timeout):
-            async for event in gen:
-                found.append(event.payload)
-                if len(found) == count:
-                    return found
+        await asyncio.wait_for(collect(), timeout)
     finally:
         await gen.aclose()
     return found
@@ -158,11 +161,14 @@ def _race(make: Any, count: int) -> list[list[dict[str, Any]]]:
             trigger = make()
             gen = trigger.run()
             start.wait()
+
+            async def collect() -> None:
+                async for event in gen:
+                    results[i].append(event.payload)
+
             try:
-                async with asyncio.timeout(4):
-                    async for event in gen:
-                        results[i].append(event.payload)
-            except TimeoutError:
+                await asyncio.wait_for(collect(), 4)
+            except asyncio.TimeoutError:  # listed for 4 s: long enough for every trigger to see every day
                 pass
             finally:
                 await gen.aclose()
@@ -280,8 +286,9 @@ async def test_shared_stream_one_poll_feeds_every_watcher(tmp_path: Path) -> Non
             await manager.unsubscribe(i, trigger.shared_stream_key())
         raise AssertionError("the shared stream ended")
 
-    async with asyncio.timeout(15):
-        payloads = await asyncio.gather(*(first_event(i, t) for i, t in enumerate(triggers)))
+    payloads = await asyncio.wait_for(
+        asyncio.gather(*(first_event(i, t) for i, t in enumerate(triggers))), 15
+    )
     assert sorted(p["consumer"] for p in payloads) == ["model-0", "model-1", "model-2"]
     # One poll loop for the three watchers, not three.
     assert coordinator().local_requests - polls_before <= 2

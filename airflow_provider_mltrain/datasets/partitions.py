@@ -86,10 +86,12 @@ def parse_partitioned_uri(uri: str, *, param: str = "uri") -> PartitionedDataset
 
 
 def fingerprint(summary_objects: list[dict[str, object]], marker: ObjectInfo | None) -> str:
-    """What identifies this landing of a partition: the success marker's ETag (S3) or mtime (local), else
-    a digest of the matched objects' keys, sizes and ETags/mtimes."""
+    """What identifies this landing of a partition: the success marker's ETag and LastModified (S3; an empty
+    marker's ETag alone is the same for every landing) or mtime (local), else a digest of the matched
+    objects' keys, sizes and ETags/mtimes."""
     if marker is not None:
-        return f"etag:{marker.etag}" if marker.etag else f"mtime:{marker.modified.isoformat()}"
+        modified = marker.modified.isoformat()
+        return f"etag:{marker.etag}@{modified}" if marker.etag else f"mtime:{modified}"
     digest = hashlib.sha256()
     for obj in summary_objects:
         digest.update(f"{obj['uri']}\0{obj['size']}\0{obj.get('etag') or obj['modified']}\n".encode())

@@ -65,7 +65,7 @@ class DatasetEventTrigger(BaseEventTrigger):
     """Fires once for every partition of ``uri`` that becomes complete; never twice for one partition.
 
     Event payload: ``partition``, ``uri`` (the partition's dataset URI, what a DatasetSensor would wait
-    for), ``location`` (the partition's directory), ``fingerprint`` (the success marker's ``etag:...`` on S3
+    for), ``location`` (the partition's directory), ``fingerprint`` (the success marker's ``etag:<ETag>@<LastModified>`` on S3
     or ``mtime:...`` locally; without a marker a digest of the objects), ``success_marker``,
     ``total_objects``, ``total_bytes``, ``claim`` (the claim object's URI), ``consumer``. Airflow stores it
     in the asset event's extra under ``payload``.

@@ -227,7 +227,8 @@ async def test_s3_not_done_yet_then_fires_with_the_marker_etag(
     await asyncio.to_thread(_land_s3, s3_server, bucket, "2026-11-20")
     (event,) = await task
     head = s3_server.client().head_object(Bucket=bucket, Key="digits/2026-11-20/_SUCCESS")
-    assert event["fingerprint"] == f"etag:{head['ETag'].strip(chr(34))}"
+    etag, modified = head["ETag"].strip('"'), head["LastModified"]
+    assert event["fingerprint"] == f"etag:{etag}@{modified.isoformat()}"
     assert event["uri"] == f"s3://{bucket}/digits/2026-11-20/*.parquet"
     assert event["location"] == f"s3://{bucket}/digits/2026-11-20/"
     assert event["claim"] == f"s3://{bucket}/digits/2026-11-20/{CLAIM_PREFIX}digits"

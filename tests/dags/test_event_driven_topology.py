@@ -2,7 +2,7 @@
 
 dag-processor, scheduler (LocalExecutor), api-server and **two triggerers** (capacity 1 each) on SQLite, the
 moto S3 server on loopback. The probe DAG is scheduled on an asset with two watchers whose triggers differ
-(poll intervals) but share a consumer, so each triggerer runs one of them and both race for every partition,
+(in a threshold both partitions meet) but share a consumer and a 1 s poll interval, so each triggerer runs one of them and both race for every partition,
 as two triggerers of an HA deployment would for one watcher during a failover. Each run records the partitions
 of its triggering asset events (XCom).
 
@@ -57,7 +57,7 @@ PROBE_DAG = textwrap.dedent(
     BUCKET = os.environ["EVENT_PROBE_BUCKET"]
 
 
-    def watcher(name: str, poke_interval: float) -> AssetWatcher:
+    def watcher(name: str, min_total_bytes: int) -> AssetWatcher:
         return AssetWatcher(
             name=name,
             trigger=DatasetEventTrigger(
@@ -65,7 +65,8 @@ PROBE_DAG = textwrap.dedent(
                 consumer="event-probe",
                 success_marker="_SUCCESS",
                 aws_conn_id="aws_default",
-                poke_interval=poke_interval,
+                min_total_bytes=min_total_bytes,
+                poke_interval=1.0,
             ),
         )
 
@@ -73,7 +74,7 @@ PROBE_DAG = textwrap.dedent(
     PARTITIONS = Asset(
         name="event-probe-partitions",
         uri=f"s3://{BUCKET}/digits/",
-        watchers=[watcher("probe-fast", 1.0), watcher("probe-slow", 2.0)],
+        watchers=[watcher("probe-a", 1), watcher("probe-b", 2)],
     )
 
     with DAG(
@@ -186,12 +187,24 @@ def _wait_for_partition_run(topology: AirflowTopology, partition: str) -> dict[s
     return topology.wait_for(f"a successful run for partition {partition}", find, timeout=300)
 
 
+def _wait_until_each_triggerer_runs_a_watcher(topology: AirflowTopology) -> None:
+    """Both watchers polling, one on each triggerer (capacity 1), so that they race for each partition: they
+    list on the same wall-clock ticks (whole seconds)."""
+    for name in ("triggerer", "triggerer-2"):
+        topology.wait_for(
+            f"the {name} to run a watcher's trigger",
+            lambda name=name: STARTED.search(topology.log_path(name).read_text(errors="replace")),
+            timeout=120,
+        )
+
+
 def test_one_run_per_partition_across_relanding_restart_and_two_triggerers(
     topology: tuple[AirflowTopology, str], s3_server: S3Server
 ) -> None:
     airflow, bucket = topology
     with airflow.logs_on_failure():
         airflow.request("PATCH", f"dags/{DAG_ID}", json={"is_paused": False})
+        _wait_until_each_triggerer_runs_a_watcher(airflow)
 
         _land(s3_server, bucket, "2026-11-20")
         first = _wait_for_partition_run(airflow, "2026-11-20")
@@ -202,9 +215,11 @@ def test_one_run_per_partition_across_relanding_restart_and_two_triggerers(
         assert first["run_type"] == "asset_triggered"
 
         # The same partition again, then a restart of a triggerer, then a sentinel partition: its run proves
-        # the listings after the re-landing and the restart happened.
+        # that listings after the re-landing and the restart happened (one listing shows both partitions).
         _land(s3_server, bucket, "2026-11-20")
         _restart_first_triggerer(airflow)
+        # The restarted triggerer (a fresh log) runs its watcher again, with no memory but the claims.
+        _wait_until_each_triggerer_runs_a_watcher(airflow)
         _land(s3_server, bucket, "2026-11-21")
         _wait_for_partition_run(airflow, "2026-11-21")
 
@@ -212,10 +227,3 @@ def test_one_run_per_partition_across_relanding_restart_and_two_triggerers(
         partitions = sorted(p["partition"] for run in runs for p in _recorded(airflow, run["dag_run_id"]))
         assert partitions == ["2026-11-20", "2026-11-21"], runs
         assert len(runs) == 2, runs
-        # Each triggerer runs one of the two watchers' triggers (capacity 1): the race was real.
-        for name in ("triggerer", "triggerer-2"):
-            airflow.wait_for(
-                f"the {name} to run a watcher's trigger",
-                lambda name=name: STARTED.search(airflow.log_path(name).read_text(errors="replace")),
-                timeout=120,
-            )

@@ -96,7 +96,10 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [
             {
                 "integration-name": "Datasets (S3 and local files)",
-                "python-modules": ["airflow_provider_mltrain.triggers.dataset"],
+                "python-modules": [
+                    "airflow_provider_mltrain.triggers.dataset",
+                    "airflow_provider_mltrain.triggers.dataset_event",
+                ],
             },
             {
                 "integration-name": "Kubernetes multi-node training (JobSet, Kubeflow Trainer, Kueue)",

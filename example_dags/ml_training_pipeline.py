@@ -35,6 +35,14 @@ with a configuration, e.g.
 (the REST API: `POST /api/v2/dags/ml_training_pipeline/dagRuns` with `logical_date` and `conf`).
 The run trains on the `<data_root>/<day>/` folder, where the day is the `day` Param, else the run's
 logical date, else the day it was triggered. For a daily pipeline set `schedule="@daily"`.
+
+**Event-driven instead**: with `MLTRAIN_PIPELINE_TRIGGER=event` (an environment variable every Airflow
+component reads when it parses this file; or edit `PIPELINE_TRIGGER` below) a run starts when a day's
+partition under `MLTRAIN_PIPELINE_DATA_ROOT` (default `s3://ml-datasets/digits`) is complete: an
+`AssetWatcher` with a `DatasetEventTrigger` lists the partitions on the triggerer and fires once per new
+`<day>/` with its `_SUCCESS` marker. The run reads the partition from its triggering asset event;
+`wait_for_data` then succeeds on its first check. A run triggered by hand in this mode still trains on the
+`day` Param's folder.
 """
 
 from __future__ import annotations
@@ -42,17 +50,30 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import logging
+import os
 from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import DAG, Param, TaskGroup, get_current_context, task
+from airflow.sdk import DAG, Asset, AssetWatcher, Param, TaskGroup, get_current_context, task
 
 from airflow_provider_mltrain.operators.gpu_training import GPUTrainingPodOperator
 from airflow_provider_mltrain.operators.mlflow_register import MLflowRegisterOperator
 from airflow_provider_mltrain.operators.model_quality import ModelQualityBranchOperator
 from airflow_provider_mltrain.sensors.dataset import DatasetSensor
+from airflow_provider_mltrain.triggers.dataset_event import DatasetEventTrigger
 
 log = logging.getLogger(__name__)
+
+# How runs start, the one setting: "scheduled" (runs by hand or on a schedule; wait_for_data waits inside the
+# run) or "event" (a run per newly complete day partition of EVENT_DATA_ROOT). Read at parse time, so set it
+# alike for every component (dag-processor, scheduler, workers), as any configuration.
+PIPELINE_TRIGGER = os.environ.get("MLTRAIN_PIPELINE_TRIGGER", "scheduled")
+if PIPELINE_TRIGGER not in ("scheduled", "event"):
+    raise ValueError(
+        f"MLTRAIN_PIPELINE_TRIGGER={PIPELINE_TRIGGER!r} is invalid: expected 'scheduled' (the default) or 'event'."
+    )
+# Event mode watches one data root, known at parse time (a watcher is deployed with the DAG).
+EVENT_DATA_ROOT = os.environ.get("MLTRAIN_PIPELINE_DATA_ROOT", "s3://ml-datasets/digits").rstrip("/")
 
 # Everything the cluster needs to know, in one place. The local launcher ignores it (but still
 # builds and validates the pod spec, so a mistake here fails on a laptop too).
@@ -116,6 +137,45 @@ def _data_day(dag_run: Any) -> str:
     return (dag_run.logical_date or dag_run.run_after).strftime("%Y-%m-%d")
 
 
+# Event mode: the asset whose watcher starts a run per complete day partition.
+DAY_PARTITIONS = Asset(
+    name="digits-day-partitions",
+    uri=f"{EVENT_DATA_ROOT}/",
+    watchers=[
+        AssetWatcher(
+            name="digits-day-complete",
+            trigger=DatasetEventTrigger(
+                uri=f"{EVENT_DATA_ROOT}/{{partition}}/*.parquet",
+                success_marker="_SUCCESS",
+                min_objects=1,
+                # Each day is trained on once by this pipeline, whichever triggerer sees it first.
+                consumer="ml_training_pipeline",
+                aws_conn_id=AWS_CONN_ID,
+                poke_interval=float(os.environ.get("MLTRAIN_PIPELINE_POKE_INTERVAL", "60")),
+            ),
+        )
+    ],
+)
+
+
+def _partition_uri(triggering_asset_events: Any, params: dict[str, Any], dag_run: Any) -> str:
+    """The dataset a run trains on: the partition of its triggering asset event (the newest, if Airflow
+    folded several into one run), or for a run started by hand the ``day`` Param's folder."""
+    events = list(triggering_asset_events.get(DAY_PARTITIONS, ())) if triggering_asset_events else []
+    payloads = [e.extra.get("payload") or {} for e in sorted(events, key=lambda e: e.timestamp)]
+    payloads = [p for p in payloads if p.get("uri")]
+    if not payloads:
+        return f"{params['data_root']}/{params['day'] or _data_day(dag_run)}/*.parquet"
+    if len(payloads) > 1:
+        log.warning(
+            "%d partitions landed before this run started; training on the newest, %s (not on %s)",
+            len(payloads),
+            payloads[-1]["partition"],
+            ", ".join(p["partition"] for p in payloads[:-1]),
+        )
+    return payloads[-1]["uri"]
+
+
 with DAG(
     dag_id="ml_training_pipeline",
     description="Daily digits classifier: wait for data, sweep on GPUs, gate on quality, register.",
@@ -123,7 +183,7 @@ with DAG(
     # Manual runs only, so a user trying the DAG is not surprised: with "@daily", unpausing it starts a
     # run for the last interval at once, whose sensor waits for a day that may never land while the
     # user's own triggered run queues behind it (max_active_runs=1). For production set "@daily".
-    schedule=None,
+    schedule=[DAY_PARTITIONS] if PIPELINE_TRIGGER == "event" else None,
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
     # One sweep at a time: the GPUs are the limit, and runs of one model would race for "champion".
@@ -136,7 +196,11 @@ with DAG(
         "execution_timeout": dt.timedelta(hours=2),
     },
     params={
-        "data_root": Param("s3://ml-datasets/digits", type="string", description="where daily folders land"),
+        "data_root": Param(
+            EVENT_DATA_ROOT if PIPELINE_TRIGGER == "event" else "s3://ml-datasets/digits",
+            type="string",
+            description="where daily folders land",
+        ),
         "day": Param(
             None,
             type=["null", "string"],
@@ -152,11 +216,15 @@ with DAG(
         "min_improvement": Param(0.005, type="number", description="over the champion's val_accuracy"),
     },
     render_template_as_native_obj=True,
-    user_defined_macros={"data_day": _data_day},
+    user_defined_macros={"data_day": _data_day, "partition_uri": _partition_uri},
 ) as dag:
     wait_for_data = DatasetSensor(
         task_id="wait_for_data",
-        uri="{{ params.data_root }}/{{ params.day or data_day(dag_run) }}/*.parquet",
+        uri=(
+            "{{ partition_uri(triggering_asset_events, params, dag_run) }}"
+            if PIPELINE_TRIGGER == "event"
+            else "{{ params.data_root }}/{{ params.day or data_day(dag_run) }}/*.parquet"
+        ),
         success_marker="_SUCCESS",
         min_objects=1,
         aws_conn_id=AWS_CONN_ID,

@@ -2,8 +2,9 @@
 
 "Complete" means: at least ``min_objects`` objects match the URI's glob, together at least
 ``min_total_bytes`` bytes, the ``success_marker`` (if any) exists, and only objects modified at or after
-``modified_after`` count. The summary carries exactly what matched, so downstream tasks and lineage know
-what was trained on.
+``modified_after`` count; with ``settle_seconds``, the newest of them (and the marker) is at least that old,
+so a writer still uploading is not caught half way. Claim objects (:mod:`.claims`) are never data. The
+summary carries exactly what matched, so downstream tasks and lineage know what was trained on.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from airflow_provider_mltrain.datasets.claims import is_claim_key
 from airflow_provider_mltrain.datasets.listing import ObjectInfo, list_local, list_s3
 from airflow_provider_mltrain.datasets.location import GLOB_CHARS, DatasetLocation, parse_dataset_uri
 from airflow_provider_mltrain.datasets.s3_client_pool import shared_s3_client
@@ -68,21 +70,44 @@ class Criteria:
     min_total_bytes: int = 0
     success_marker: str | None = None
     modified_after: datetime | None = None
+    settle_seconds: float = 0.0
+
+
+def validate_settle_seconds(settle_seconds: Any) -> None:
+    """Raise ValueError unless ``settle_seconds`` is a number >= 0."""
+    if isinstance(settle_seconds, bool) or not isinstance(settle_seconds, (int, float)) or settle_seconds < 0:
+        raise ValueError(
+            f"settle_seconds={settle_seconds!r} is invalid: expected a number of seconds >= 0 (how long the "
+            "newest object must be unchanged before the dataset counts as complete)."
+        )
 
 
 def apply_criteria(
-    location: DatasetLocation, objects: list[ObjectInfo], criteria: Criteria
+    location: DatasetLocation,
+    objects: list[ObjectInfo],
+    criteria: Criteria,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
     """Apply the criteria to a listing; returns the summary (``complete`` says whether it is met).
 
-    The marker is not a data object: it is left out of the matches and the totals.
+    The marker is not a data object: it is left out of the matches and the totals, and so are claim
+    objects.
+
+    :param now: the instant the listing was taken (``settle_seconds`` is measured to it); default: now
     """
     marker_key = location.marker_base + criteria.success_marker if criteria.success_marker else None
     regex = location.regex
     fresh = [o for o in objects if criteria.modified_after is None or o.modified >= criteria.modified_after]
     marker = next((o for o in fresh if o.key == marker_key), None)
     matched = sorted(
-        (o for o in fresh if o.key != marker_key and not o.key.endswith("/") and regex.fullmatch(o.key)),
+        (
+            o
+            for o in fresh
+            if o.key != marker_key
+            and not o.key.endswith("/")
+            and not is_claim_key(o.key)
+            and regex.fullmatch(o.key)
+        ),
         key=lambda o: o.key,
     )
     stale = len(objects) - len(fresh)
@@ -94,6 +119,11 @@ def apply_criteria(
         missing.append(f"{total_bytes}/{criteria.min_total_bytes} bytes")
     if marker_key and marker is None:
         missing.append(f"no success marker {criteria.success_marker!r}")
+    if criteria.settle_seconds and not missing:
+        newest = max((o.modified for o in [*matched, *([marker] if marker else [])]), default=None)
+        age = ((now or datetime.now(timezone.utc)) - newest).total_seconds() if newest else 0.0
+        if newest and age < criteria.settle_seconds:
+            missing.append(f"last change {age:.0f}s ago, settling for {criteria.settle_seconds:g}s")
     return {
         "complete": not missing,
         "missing": missing,

@@ -112,7 +112,15 @@ def _build_client(aws_conn_id: str | None, region_name: str | None, verify: bool
 
 async def _open_client(aws_conn_id: str | None, region_name: str | None, verify: bool | str | None):
     # Either an AioBaseClient or a ClientCreatorContext: both return the opened client from __aenter__.
-    built = await asyncio.to_thread(_build_client_blocking, aws_conn_id, region_name, verify)
+    # asgiref's worker thread rather than asyncio.to_thread: the hook fetches its connection from the
+    # triggerer's supervisor with a sync call, which asgiref routes back to this loop. From a plain thread,
+    # Airflow 3.2's triggerer answers it on a second event loop, outside the lock of the runner's own
+    # messages, and the runner dies with "Response read out of order" (apache-airflow-core 3.2.0
+    # airflow/jobs/triggerer_job_runner.py:826-858).
+    from asgiref.sync import sync_to_async
+
+    build = sync_to_async(_build_client_blocking, thread_sensitive=False)
+    built = await build(aws_conn_id, region_name, verify)
     return await built.__aenter__()
 
 

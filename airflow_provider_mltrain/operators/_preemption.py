@@ -45,8 +45,9 @@ DISRUPTION_CONDITION = "DisruptionTarget"
 #: Eviction API (``kubectl drain``, the cluster autoscaler's scale-down); the taint manager (a
 #: ``NoExecute`` taint, e.g. a node being reclaimed); the kubelet (node-pressure eviction, graceful node
 #: shutdown); the pod garbage collector (the pod's node is gone).
+PREEMPTION_BY_SCHEDULER = "PreemptionByScheduler"
 DISRUPTION_REASONS = (
-    "PreemptionByScheduler",
+    PREEMPTION_BY_SCHEDULER,
     "EvictionByEvictionAPI",
     "DeletionByTaintManager",
     "TerminationByKubelet",
@@ -159,6 +160,31 @@ def vanished_with_node(pod_name: str, node_name: str | None, node_exists: bool |
     return Disruption(
         pod_name, VANISHED_WITH_NODE, f"the pod and its node {node_name} are gone from the cluster"
     )
+
+
+#: The event kube-scheduler records on a victim it preempted, and its message's start (kubernetes/kubernetes
+#: pkg/scheduler/framework/preemption/preemption.go, Evaluator.PreemptPod: ``Eventf(victim, preemptor,
+#: Normal, "Preempted", "Preempting", "Preempted by pod %v on node %v", ...)``, after it set the
+#: DisruptionTarget condition and deleted the victim with its grace period).
+SCHEDULER_PREEMPTED_EVENT = "Preempted"
+_SCHEDULER_PREEMPTED_MESSAGE = "Preempted by pod "
+
+
+def preempted_by_scheduler(pod_name: str, events: Sequence[Any]) -> Disruption | None:
+    """A disruption for a pod that is gone (404) while its node stays, when the scheduler's ``Preempted``
+    event on it says the scheduler preempted it: the scheduler deletes its victims, and the kubelet's final
+    delete can come before the operator reads the pod's DisruptionTarget condition.
+
+    :param pod_name: the pod that is gone.
+    :param events: its events (``V1Event`` objects).
+    """
+    for event in events:
+        message = str(getattr(event, "message", None) or "")
+        if getattr(event, "reason", None) == SCHEDULER_PREEMPTED_EVENT and message.startswith(
+            _SCHEDULER_PREEMPTED_MESSAGE
+        ):
+            return Disruption(pod_name, PREEMPTION_BY_SCHEDULER, message)
+    return None
 
 
 def stopped_by_kueue(pod_name: str, events: Sequence[Any]) -> Disruption | None:

@@ -724,7 +724,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
             node_exists = False if err.status == 404 else None
         except Exception:
             node_exists = None
-        return preemption.vanished_with_node(pod_name, node, node_exists) or self._stopped_by_kueue(
+        return preemption.vanished_with_node(pod_name, node, node_exists) or self._told_by_events(
             pod_name, namespace
         )
 
@@ -732,13 +732,24 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         """A queued pod that is gone: Kueue's "Stopped" event on it tells whether Kueue preempted it."""
         if not self.queue_name:
             return None
+        return preemption.stopped_by_kueue(pod_name, self._gone_pod_events(pod_name, namespace))
+
+    def _told_by_events(self, pod_name: str, namespace: str | None) -> preemption.Disruption | None:
+        """A pod gone while its node stays: the scheduler's "Preempted" event (or, queued, Kueue's "Stopped")
+        on it tells a preemption from a pod someone deleted."""
+        events = self._gone_pod_events(pod_name, namespace)
+        found = preemption.preempted_by_scheduler(pod_name, events)
+        if found is None and self.queue_name:
+            found = preemption.stopped_by_kueue(pod_name, events)
+        return found
+
+    def _gone_pod_events(self, pod_name: str, namespace: str | None) -> list[Any]:
         gone = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=pod_name, namespace=namespace or self.namespace))
         try:
-            events = self.pod_manager.read_pod_events(gone).items or []
+            return list(self.pod_manager.read_pod_events(gone).items or [])
         except Exception as err:
             self.log.warning("Could not read the events of pod %s: %s", pod_name, err)
-            return None
-        return preemption.stopped_by_kueue(pod_name, events)
+            return []
 
     def _read_node_name(self, pod: k8s.V1Pod) -> str | None:
         try:

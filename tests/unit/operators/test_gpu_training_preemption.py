@@ -12,6 +12,7 @@ crash, success). Only the XCom read is replaced (an ``exec`` the emulator does n
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import pytest
@@ -106,10 +107,14 @@ def test_preempted_pod_is_replaced_and_the_try_succeeds(k8s_emulator, xcom_from_
     assert not k8s_emulator.exists("pods", first["metadata"]["name"])
     assert ("pods", "default", first["metadata"]["name"]) in [d[:3] for d in k8s_emulator.deletions]
     log = logged(caplog, capfd)
-    assert (
-        f"Pod {first['metadata']['name']} was preempted (PreemptionByScheduler: Preempted in order to admit "
-        f"critical pod); starting replacement 1 of 3 from the checkpoint in {dirs[0]}"
-    ) in log
+    # The scheduler deletes its victim: the operator reads why from its DisruptionTarget condition, or, when
+    # the kubelet's final delete came first, from the scheduler's "Preempted" event on it.
+    assert re.search(
+        rf"Pod {first['metadata']['name']} was preempted \(PreemptionByScheduler: Preempted (in order to "
+        rf"admit critical pod|by pod [0-9a-f-]+ on node spot-node-0)\); starting replacement 1 of 3 from the "
+        rf"checkpoint in {re.escape(dirs[0])}",
+        log,
+    )
     # Without a PVC or URI the checkpoint was on the pod's emptyDir: the log says the replacement starts over.
     assert f"emptyDir that died with pod {first['metadata']['name']}" in log
 
@@ -168,3 +173,24 @@ def test_a_crash_or_a_deleted_pod_on_a_live_node_is_not_replaced(k8s_emulator, x
         run(mode, make_context())
     assert not isinstance(failure.value, GPUTrainingFailure) or "preempted" not in str(failure.value)
     assert len(kubelet.created) == 1
+
+
+def test_a_preempted_pod_gone_before_it_was_read_is_told_by_the_schedulers_event(
+    k8s_emulator, xcom_from_pod, mode, caplog, capfd
+):
+    """The scheduler deletes its victim; when the kubelet's final delete comes before the operator reads the
+    pod (its node still there), the scheduler's "Preempted" event is what tells a preemption from a pod
+    someone deleted: the pod is replaced and the try succeeds."""
+    kubelet = Kubelet(k8s_emulator, ["preempted_gone", "succeeded"])
+    caplog.set_level("WARNING")
+
+    assert run(mode, make_context(try_number=1)) == RESULT
+
+    assert len(kubelet.created) == 2
+    assert k8s_emulator.exists("nodes", "spot-node-0", namespace="")  # its node stayed
+    first = kubelet.created[0]["metadata"]["name"]
+    assert re.search(
+        rf"Pod {first} was preempted \(PreemptionByScheduler: Preempted by pod [0-9a-f-]+ on node spot-node-0\);"
+        r" starting replacement 1 of 3",
+        logged(caplog, capfd),
+    )

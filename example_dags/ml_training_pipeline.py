@@ -137,31 +137,41 @@ def _data_day(dag_run: Any) -> str:
     return (dag_run.logical_date or dag_run.run_after).strftime("%Y-%m-%d")
 
 
-# Event mode: the asset whose watcher starts a run per complete day partition.
-DAY_PARTITIONS = Asset(
-    name="digits-day-partitions",
-    uri=f"{EVENT_DATA_ROOT}/",
-    watchers=[
-        AssetWatcher(
-            name="digits-day-complete",
-            trigger=DatasetEventTrigger(
-                uri=f"{EVENT_DATA_ROOT}/{{partition}}/*.parquet",
-                success_marker="_SUCCESS",
-                min_objects=1,
-                # Each day is trained on once by this pipeline, whichever triggerer sees it first.
-                consumer="ml_training_pipeline",
-                aws_conn_id=AWS_CONN_ID,
-                poke_interval=float(os.environ.get("MLTRAIN_PIPELINE_POKE_INTERVAL", "60")),
-            ),
-        )
-    ],
+# Event mode: the asset whose watcher starts a run per complete day partition. Only built in event mode: an
+# Asset with a URI makes Airflow load every provider's URI handlers at parse time (the Amazon provider's
+# imports boto3), which a scheduled deployment should not pay on each parse.
+DAY_PARTITIONS = (
+    None
+    if PIPELINE_TRIGGER != "event"
+    else Asset(
+        name="digits-day-partitions",
+        uri=f"{EVENT_DATA_ROOT}/",
+        watchers=[
+            AssetWatcher(
+                name="digits-day-complete",
+                trigger=DatasetEventTrigger(
+                    uri=f"{EVENT_DATA_ROOT}/{{partition}}/*.parquet",
+                    success_marker="_SUCCESS",
+                    min_objects=1,
+                    # Each day is trained on once by this pipeline, whichever triggerer sees it first.
+                    consumer="ml_training_pipeline",
+                    aws_conn_id=AWS_CONN_ID,
+                    poke_interval=float(os.environ.get("MLTRAIN_PIPELINE_POKE_INTERVAL", "60")),
+                ),
+            )
+        ],
+    )
 )
 
 
 def _partition_uri(triggering_asset_events: Any, params: dict[str, Any], dag_run: Any) -> str:
     """The dataset a run trains on: the partition of its triggering asset event (the newest, if Airflow
     folded several into one run), or for a run started by hand the ``day`` Param's folder."""
-    events = list(triggering_asset_events.get(DAY_PARTITIONS, ())) if triggering_asset_events else []
+    events = (
+        list(triggering_asset_events.get(DAY_PARTITIONS, ()))
+        if triggering_asset_events and DAY_PARTITIONS is not None
+        else []
+    )
     payloads = [e.extra.get("payload") or {} for e in sorted(events, key=lambda e: e.timestamp)]
     payloads = [p for p in payloads if p.get("uri")]
     if not payloads:
@@ -183,7 +193,7 @@ with DAG(
     # Manual runs only, so a user trying the DAG is not surprised: with "@daily", unpausing it starts a
     # run for the last interval at once, whose sensor waits for a day that may never land while the
     # user's own triggered run queues behind it (max_active_runs=1). For production set "@daily".
-    schedule=[DAY_PARTITIONS] if PIPELINE_TRIGGER == "event" else None,
+    schedule=[DAY_PARTITIONS] if DAY_PARTITIONS is not None else None,
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
     # One sweep at a time: the GPUs are the limit, and runs of one model would race for "champion".

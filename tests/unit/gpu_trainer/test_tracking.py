@@ -57,7 +57,10 @@ def test_model_logging_skips_the_installed_package_scan_and_the_model_still_load
     from gpu_trainer.tracking import Tracker, model_pip_requirements
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # A file store: the trainer's own extra (mlflow-skinny, its lowest-bounds job) has no SQLAlchemy for a
+    # sqlite one; recent MLflow refuses a file store unless told it is wanted.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     scans: list[int] = []
     real_scan = requirements_utils.importlib_metadata.packages_distributions
     monkeypatch.setattr(

@@ -4,8 +4,7 @@ Create it, or re-attach to the one an earlier try of the same task instance left
 telling the task log what it is doing (waiting for Kueue admission, with the reason from the Workload Kueue
 owns for the job, see :mod:`._kueue`; unschedulable, pulling the image, running, restarted k of N times,
 preempted by Kueue); fail fast when it cannot be scheduled or admitted in time, or Kueue reports a queue it
-cannot use; read the
-leader's result; delete it (foreground propagation) on kill and timeouts.
+cannot use; read the leader's result; delete it (foreground propagation) on kill and timeouts.
 
 The reading of the resource (:func:`observe`) and the timers (:class:`Progress`) are pure and shared by the
 synchronous wait here and the deferrable wait in
@@ -278,8 +277,16 @@ def _observe_running(job: Mapping[str, Any], pods: Sequence[Any], restarts: int)
     nodes = node_pods(pods)
     if not nodes:
         # JobSet starts the trainer's nodes only after the initializers complete (the runtime's dependsOn).
-        initializers = sorted({_replicated_job(pod) for pod in pods})
-        return Observation(STARTING, f"initializers running: {', '.join(initializers)}", restarts)
+        running_initializers = sorted(
+            {
+                _replicated_job(pod)
+                for pod in pods
+                if pod.status is None or pod.status.phase not in ("Succeeded", "Failed")
+            }
+        )
+        if not running_initializers:
+            return Observation(STARTING, "waiting for the controller to create the pods", restarts)
+        return Observation(STARTING, f"initializers running: {', '.join(running_initializers)}", restarts)
     running = sum(
         1 for pod in nodes if pod.status is not None and pod.status.phase in ("Running", "Succeeded")
     )

@@ -716,7 +716,7 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         """A disruption when the pod is gone together with the node it ran on, or Kueue evicted it."""
         node = self._node_name
         if not node:
-            return self._stopped_by_kueue(pod_name, namespace)
+            return self._told_by_events(pod_name, namespace)
         try:
             self.client.read_node(node)
             node_exists: bool | None = True
@@ -727,12 +727,6 @@ class GPUTrainingPodOperator(KubernetesPodOperator):
         return preemption.vanished_with_node(pod_name, node, node_exists) or self._told_by_events(
             pod_name, namespace
         )
-
-    def _stopped_by_kueue(self, pod_name: str, namespace: str | None) -> preemption.Disruption | None:
-        """A queued pod that is gone: Kueue's "Stopped" event on it tells whether Kueue preempted it."""
-        if not self.queue_name:
-            return None
-        return preemption.stopped_by_kueue(pod_name, self._gone_pod_events(pod_name, namespace))
 
     def _told_by_events(self, pod_name: str, namespace: str | None) -> preemption.Disruption | None:
         """A pod gone while its node stays: the scheduler's "Preempted" event (or, queued, Kueue's "Stopped")
